@@ -1,0 +1,1 @@
+"""The alignment methods and the pipeline that composes them."""

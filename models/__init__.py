@@ -1,0 +1,1 @@
+"""Engines and scorers: the Engine protocol and its backends, tiny offline models."""

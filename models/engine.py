@@ -1,0 +1,140 @@
+"""The Engine protocol: everything the decoding layer may ask of a model.
+
+A backend (in-process transformers, vLLM workers, scripted fakes in tests)
+implements ``Engine``; nothing above ``models/`` knows which one it talks to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+Prompt = str | Sequence[int]
+"""A prompt as text (tokenised by the engine) or as token ids (used as is)."""
+
+FinishReason = Literal["stop", "length"]
+
+
+class LogitsProcessor(Protocol):
+    """Rewrites the next-token logits of one sequence; returns a new tensor.
+
+    Args:
+        output_ids: the tokens this sequence has generated so far.
+        logits: 1-D next-token logits over the vocabulary; not modified.
+    """
+
+    def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor: ...
+
+
+LogitsProcessorFactory = Callable[[], LogitsProcessor]
+"""Makes a fresh processor per sampled sequence, so stateful processors
+(grammar matchers) never share state between the ``n`` samples."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to sample; ``n`` sequences share one prompt prefill.
+
+    ``logprobs``/``prompt_logprobs`` ask for the chosen token plus that many
+    alternatives (0 = the chosen token only). Returned logprobs are the
+    model's raw log-softmax, before temperature, top-p and processors.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logits_processors: tuple[LogitsProcessorFactory, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token with its logprob and the most likely alternatives at its position."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(slots=True)
+class SampleDelta:
+    """What one sample added in one streaming step; the last one has ``finish_reason``."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(slots=True)
+class Sample:
+    """One finished sequence. ``token_ids`` include a final EOS; ``text`` does not."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(slots=True)
+class Completion:
+    prompt_token_ids: list[int]
+    samples: list[Sample]
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(sample.token_ids) for sample in self.samples)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """Static facts about a served model."""
+
+    name: str
+    max_model_len: int
+    max_logprobs: int
+    has_chat_template: bool
+    tokenizer_id: str = field(default="", compare=False)
+    """Identifies the vocabulary: equal ids mean token ids can be exchanged."""
+
+
+class Engine(Protocol):
+    """A model that tokenises, renders chat prompts and samples."""
+
+    @property
+    def info(self) -> EngineInfo: ...
+
+    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str: ...
+
+    async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The chat template applied to ``messages``, ending with the assistant cue."""
+        ...
+
+    async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion: ...
+
+    def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[SampleDelta]:
+        """Deltas as tokens are sampled; closing the iterator cancels generation."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,77 @@
+"""The one exception hierarchy of alignd.
+
+Every error a client can see is an ``AligndError``; each class knows its
+HTTP status, its OpenAI error ``type`` and ``code``, and the request field
+(``param``) it is about. The server turns any of them into OpenAI error
+JSON in exactly one place (``server.errors``).
+
+AligndError (500, internal_error)
+├── InvalidRequestError (400, invalid_request_error)
+│   ├── ContextLengthExceededError (400, context_length_exceeded)
+│   └── UnsupportedParameterError (400, unsupported_parameter)
+├── ModelNotFoundError (404, model_not_found)
+├── EngineUnavailableError (503, service_unavailable)
+└── UpstreamError (502, upstream_error)
+"""
+
+from __future__ import annotations
+
+
+class AligndError(Exception):
+    """Base class: an error with an HTTP status and an OpenAI error shape."""
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(AligndError):
+    """The request is malformed or asks for something that cannot be done."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """Prompt plus requested tokens do not fit the model's context."""
+
+    code = "context_length_exceeded"
+
+
+class UnsupportedParameterError(InvalidRequestError):
+    """An OpenAI parameter that alignd does not implement was set."""
+
+    code = "unsupported_parameter"
+
+
+class ModelNotFoundError(AligndError):
+    """The requested model is not configured on this server."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist on this server.", param="model")
+
+
+class EngineUnavailableError(AligndError):
+    """The engine behind a model cannot take the request (down, shutting down)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "engine_unavailable"
+
+
+class UpstreamError(AligndError):
+    """An engine failed while serving a valid request."""
+
+    status_code = 502
+    error_type = "upstream_error"
+    code = "upstream_error"

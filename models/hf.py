@@ -1,0 +1,335 @@
+"""The in-process engine: a transformers causal LM behind the Engine protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from models.engine import (
+    Completion,
+    EngineInfo,
+    FinishReason,
+    LogitsProcessor,
+    Prompt,
+    Sample,
+    SampleDelta,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+)
+from models.errors import InvalidRequestError
+from models.text import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Emit = Callable[[SampleDelta], None]
+
+
+def vocabulary_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of the token -> id map: equal hashes mean exchangeable token ids."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), separators=(",", ":"))
+    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
+
+
+@dataclass(slots=True)
+class _Sequence:
+    """The state of one of the ``n`` samples while it is generated."""
+
+    index: int
+    detokenizer: IncrementalDetokenizer
+    processors: list[LogitsProcessor]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+
+    def advance(self, token_id: int, logprob: TokenLogprob | None, *, eos: bool, at_limit: bool) -> SampleDelta:
+        self.token_ids.append(token_id)
+        if logprob is not None and self.logprobs is not None:
+            self.logprobs.append(logprob)
+        text = "" if eos else self.detokenizer.push(token_id)
+        if eos or self.detokenizer.stopped:
+            self.finish_reason = "stop"
+        elif at_limit:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            text += self.detokenizer.flush()
+        return SampleDelta(
+            index=self.index,
+            text=text,
+            token_ids=[token_id],
+            logprobs=None if logprob is None else [logprob],
+            finish_reason=self.finish_reason,
+        )
+
+    def to_sample(self) -> Sample:
+        return Sample(
+            index=self.index,
+            text=self.detokenizer.text,
+            token_ids=self.token_ids,
+            finish_reason=self.finish_reason or "length",
+            logprobs=self.logprobs,
+        )
+
+
+class HFEngine:
+    """A transformers causal LM served in-process.
+
+    Generation runs on a bounded pool of worker threads (``workers``), never
+    on the event loop; requests beyond the pool wait their turn. The ``n``
+    samples of a request share one prefill and decode as one batch.
+
+    Args:
+        name: the model name clients use.
+        path: a directory saved with ``save_pretrained`` (model + tokenizer).
+        dtype: torch dtype name for the weights.
+        device: torch device.
+        max_model_len: context limit; defaults to the model's position limit.
+        max_logprobs: the most alternatives a request may ask for per token.
+        workers: generations that run at the same time.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        path: str | Path,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        max_model_len: int | None = None,
+        max_logprobs: int = 20,
+        workers: int = 1,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._torch = torch
+        self._device = torch.device(device)
+        self._tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
+        self._model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        self._model.to(self._device).eval()
+        position_limit = int(self._model.config.max_position_embeddings)
+        self._info = EngineInfo(
+            name=name,
+            max_model_len=min(max_model_len or position_limit, position_limit),
+            max_logprobs=max_logprobs,
+            has_chat_template=self._tokenizer.chat_template is not None,
+            tokenizer_id=vocabulary_fingerprint(self._tokenizer),
+        )
+        self._eos_ids = self._collect_eos_ids()
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"hf-{name}")
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self._decode(token_ids)
+
+    async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        from jinja2 import TemplateError
+
+        if not self._info.has_chat_template:
+            raise InvalidRequestError(
+                f"The model `{self._info.name}` has no chat template; use /v1/completions.", param="messages"
+            )
+        try:
+            rendered = self._tokenizer.apply_chat_template(
+                [dict(message) for message in messages], tokenize=False, add_generation_prompt=True
+            )
+        except TemplateError as exc:
+            raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from exc
+        return str(rendered)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
+        prompt_ids = await self._prompt_ids(prompt)
+        cancelled = threading.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, self._generate, prompt_ids, params, None, cancelled)
+        finally:
+            cancelled.set()
+
+    async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[SampleDelta]:
+        prompt_ids = await self._prompt_ids(prompt)
+        async with aclosing(self._stream_ids(prompt_ids, params)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _stream_ids(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[SampleDelta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[SampleDelta | None] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(delta: SampleDelta) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        future = loop.run_in_executor(self._executor, self._generate, prompt_ids, params, emit, cancelled)
+        # Done-callbacks are scheduled after every delta the worker queued, so None comes last.
+        future.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            while (delta := await queue.get()) is not None:
+                yield delta
+            await future
+        finally:
+            cancelled.set()
+            future.cancel()
+
+    async def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return await self.tokenize(prompt)
+        ids = list(prompt)
+        vocab_size = len(self._tokenizer)
+        if not ids or any(not 0 <= token < vocab_size for token in ids):
+            raise InvalidRequestError(
+                f"Token ids must be a non-empty list of integers in [0, {vocab_size}).", param="prompt"
+            )
+        return ids
+
+    def _collect_eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (self._model.generation_config.eos_token_id, self._tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source is not None:
+                ids.update(source)
+        return frozenset(ids)
+
+    def _token_text(self, token_id: int) -> str:
+        return str(self._tokenizer.decode([token_id]))
+
+    def _decode(self, token_ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    def _generate(
+        self, prompt_ids: list[int], params: SamplingParams, emit: Emit | None, cancelled: threading.Event
+    ) -> Completion:
+        """Runs on a worker thread: prefill once, then decode the ``n`` samples as a batch."""
+        torch = self._torch
+        generator = torch.Generator(device=self._device)
+        generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        sequences = [
+            _Sequence(
+                index=i,
+                detokenizer=IncrementalDetokenizer(self._decode, params.stop),
+                processors=[make() for make in params.logits_processors],
+                logprobs=[] if params.logprobs is not None else None,
+            )
+            for i in range(params.n)
+        ]
+        with torch.inference_mode():
+            output = self._model(input_ids=torch.tensor([prompt_ids], device=self._device), use_cache=True)
+            prompt_logprobs = None
+            if params.prompt_logprobs is not None:
+                prompt_logprobs = self._prompt_logprobs(prompt_ids, output.logits[0], params.prompt_logprobs)
+            cache = output.past_key_values
+            if params.n > 1:
+                cache.batch_repeat_interleave(params.n)
+            logits = output.logits[:, -1, :].expand(params.n, -1)
+            for step in range(params.max_tokens):
+                if cancelled.is_set():
+                    break
+                tokens = self._decode_step(logits, sequences, params, generator, at_limit=step == params.max_tokens - 1)
+                if emit is not None:
+                    for delta in tokens.deltas:
+                        emit(delta)
+                if all(seq.finish_reason is not None for seq in sequences):
+                    break
+                output = self._model(
+                    input_ids=torch.tensor(tokens.ids, device=self._device).unsqueeze(1),
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                cache = output.past_key_values
+                logits = output.logits[:, -1, :]
+        return Completion(prompt_ids, [seq.to_sample() for seq in sequences], prompt_logprobs)
+
+    def _decode_step(
+        self,
+        logits: torch.Tensor,
+        sequences: list[_Sequence],
+        params: SamplingParams,
+        generator: torch.Generator,
+        *,
+        at_limit: bool,
+    ) -> _StepTokens:
+        torch = self._torch
+        raw = logits.float()
+        logprobs = torch.log_softmax(raw, dim=-1)
+        processed = torch.stack(
+            [_apply_processors(seq.processors, seq.token_ids, row) for seq, row in zip(sequences, raw, strict=True)]
+        )
+        chosen = _sample(processed, params.temperature, params.top_p, generator).tolist()
+        step = _StepTokens(ids=chosen, deltas=[])
+        top = torch.topk(logprobs, params.logprobs) if params.logprobs else None
+        for row, (seq, token_id) in enumerate(zip(sequences, chosen, strict=True)):
+            if seq.finish_reason is not None:
+                continue
+            record = None
+            if params.logprobs is not None:
+                alternatives = () if top is None else self._top_logprobs(top.values[row], top.indices[row])
+                record = TokenLogprob(token_id, self._token_text(token_id), float(logprobs[row, token_id]), alternatives)
+            step.deltas.append(seq.advance(token_id, record, eos=token_id in self._eos_ids, at_limit=at_limit))
+        return step
+
+    def _top_logprobs(self, values: torch.Tensor, indices: torch.Tensor) -> tuple[TopLogprob, ...]:
+        return tuple(
+            TopLogprob(token_id, self._token_text(token_id), logprob)
+            for token_id, logprob in zip(indices.tolist(), values.tolist(), strict=True)
+        )
+
+    def _prompt_logprobs(self, prompt_ids: list[int], logits: torch.Tensor, k: int) -> list[TokenLogprob | None]:
+        """Logprob of each prompt token given the tokens before it (none for the first)."""
+        logprobs = self._torch.log_softmax(logits[:-1].float(), dim=-1)
+        targets = self._torch.tensor(prompt_ids[1:], device=logprobs.device)
+        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        top = self._torch.topk(logprobs, k) if k else None
+        records: list[TokenLogprob | None] = [None]
+        for position, (token_id, logprob) in enumerate(zip(prompt_ids[1:], chosen, strict=True)):
+            alternatives = () if top is None else self._top_logprobs(top.values[position], top.indices[position])
+            records.append(TokenLogprob(token_id, self._token_text(token_id), logprob, alternatives))
+        return records
+
+
+@dataclass(slots=True)
+class _StepTokens:
+    ids: list[int]
+    deltas: list[SampleDelta]
+
+
+def _apply_processors(processors: Sequence[LogitsProcessor], output_ids: list[int], logits: Any) -> Any:
+    for processor in processors:
+        logits = processor(output_ids, logits)
+    return logits
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Greedy at temperature 0, else nucleus sampling from ``softmax(logits / temperature)``."""
+    import torch
+
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the mass before it already reaches top_p; the top token always stays.
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: protocol, routes, streaming, metrics, configuration, CLI."""

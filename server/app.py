@@ -1,0 +1,45 @@
+"""``build_app(settings)``: the gateway, with its state on ``app.state``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from server.config import Settings
+from server.engines import ModelRegistry
+from server.errors import install_error_handlers
+from server.metrics import Metrics
+from server.middleware import RequestContextMiddleware
+from server.routes import openai_router, ops_router
+from server.serving_chat import ChatCompletionHandler
+from server.serving_completion import CompletionHandler
+
+
+def build_app(settings: Settings) -> FastAPI:
+    registry = ModelRegistry(settings.models, settings.limits)
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Load in the background so /health answers while large models load.
+        loading = asyncio.create_task(registry.load())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await registry.close()
+
+    app = FastAPI(title="alignd", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = metrics
+    app.state.completion_handler = CompletionHandler(registry, settings.limits, metrics)
+    app.state.chat_handler = ChatCompletionHandler(registry, settings.limits, metrics)
+    app.include_router(openai_router)
+    app.include_router(ops_router)
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,76 @@
+"""``alignd``: serve the gateway, or build the tiny offline models."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.config
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("alignd")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alignd", description="Inference-time alignment decoding server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible gateway")
+    serve.add_argument("--config", type=Path, help="YAML configuration (default: the embedded tiny models)")
+    serve.add_argument("--host", help="overrides `host`")
+    serve.add_argument("--port", type=int, help="overrides `port`")
+
+    tiny = commands.add_parser("make-tiny-models", help="build the tiny random offline models into DIR")
+    tiny.add_argument("directory", type=Path)
+
+    args = parser.parse_args(argv)
+    if args.command == "make-tiny-models":
+        from models.tiny import make_tiny_models
+
+        print(make_tiny_models(args.directory))
+        return 0
+    return _serve(args.config, host=args.host, port=args.port)
+
+
+def _serve(config: Path | None, *, host: str | None, port: int | None) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from server.config import Settings
+    from server.logs import logging_config
+
+    try:
+        settings = Settings.load(config)
+    except (OSError, ValueError, ValidationError) as exc:
+        print(f"alignd: invalid configuration {config or '(embedded)'}:\n{exc}", file=sys.stderr)
+        return 2
+    settings = settings.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    log_config = logging_config(settings.log_level)
+    logging.config.dictConfig(log_config)
+    _quiet_libraries()
+    if settings.tiny_models:
+        from models.tiny import ensure_tiny_models
+
+        logger.info("preparing tiny models", extra={"path": str(settings.model_root)})
+        ensure_tiny_models(settings.model_root)
+    missing = [f"{model.name}: {model.path}" for model in settings.models if not model.path.is_dir()]
+    if missing:
+        print("alignd: model directories not found:\n  " + "\n  ".join(missing), file=sys.stderr)
+        return 2
+
+    from server.app import build_app
+
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_config=log_config)
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Progress bars and advisory warnings from model libraries are noise in JSON logs."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

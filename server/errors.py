@@ -1,0 +1,84 @@
+"""Every error becomes OpenAI error JSON here, and only here.
+
+``AligndError`` subclasses carry their own status and shape; framework
+errors (validation, unknown routes) and unexpected exceptions are first
+converted into one, then rendered by ``error_payload``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.errors import AligndError, InvalidRequestError, UnsupportedParameterError
+from server.protocol import UNSUPPORTED
+
+logger = logging.getLogger(__name__)
+
+
+class RouteError(AligndError):
+    """A request the router itself refused (unknown path, wrong method)."""
+
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = "not_found" if status_code == 404 else "method_not_allowed" if status_code == 405 else None
+
+
+class InternalServerError(AligndError):
+    """Anything unexpected; details go to the log, not to the client."""
+
+    code = "internal_error"
+
+    def __init__(self) -> None:
+        super().__init__("The server had an error while processing your request.")
+
+
+def error_payload(exc: AligndError) -> dict[str, Any]:
+    return {"error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code}}
+
+
+def as_aligned_error(exc: Exception) -> AligndError:
+    """Converts any exception into the ``AligndError`` that describes it to a client."""
+    if isinstance(exc, AligndError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        return _from_validation_error(exc)
+    if isinstance(exc, StarletteHTTPException):
+        return RouteError(str(exc.detail), exc.status_code)
+    logger.error("unexpected error", exc_info=exc)
+    return InternalServerError()
+
+
+def _from_validation_error(exc: RequestValidationError) -> InvalidRequestError:
+    first = exc.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # Union members appear in the location as type names ("str", "list[int]"); keep field names only.
+    param = ".".join(part for part in location if part.isidentifier() or part.isdigit()) or None
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError(f"The request body is not valid JSON: {first.get('msg')}")
+    if first.get("type") == "missing" and param:
+        return InvalidRequestError(f"`{param}` is required.", param=param)
+    if first.get("type") == "extra_forbidden" and param:
+        return InvalidRequestError(f"`{param}` is not a recognised parameter.", param=param)
+    if first.get("type") == UNSUPPORTED:
+        return UnsupportedParameterError(str(first.get("msg")), param=param)
+    return InvalidRequestError(f"`{param}`: {first.get('msg')}" if param else str(first.get("msg")), param=param)
+
+
+async def error_response(request: Request, exc: Exception) -> JSONResponse:
+    error = as_aligned_error(exc)
+    request.state.error_type = error.error_type
+    return JSONResponse(error_payload(error), status_code=error.status_code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for exception_class in (AligndError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(exception_class, error_response)

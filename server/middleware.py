@@ -1,0 +1,69 @@
+"""Per-request context: request id, access log and metrics, for plain and streaming responses."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.logs import request_id
+from server.metrics import Metrics
+
+logger = logging.getLogger("alignd.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+# Metric labels use these paths; anything else is "other", so clients cannot grow the label set.
+KNOWN_ROUTES = frozenset(
+    ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics")
+)
+
+
+class RequestContextMiddleware:
+    """Pure ASGI middleware, so timing covers a stream until its last byte."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        rid = headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        token = request_id.set(rid)
+        state = scope.setdefault("state", {})
+        route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_context(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((REQUEST_ID_HEADER.encode(), rid.encode("latin-1")))
+            await send(message)
+
+        self.metrics.in_flight.labels(route=route).inc()
+        try:
+            await self.app(scope, receive, send_with_context)
+        finally:
+            self.metrics.in_flight.labels(route=route).dec()
+            self._record(route, state, status, time.perf_counter() - started, scope)
+            request_id.reset(token)
+
+    def _record(self, route: str, state: dict, status: int, seconds: float, scope: Scope) -> None:
+        model = state.get("model", "")
+        self.metrics.requests.labels(route=route, model=model, status=str(status)).inc()
+        self.metrics.latency.labels(route=route, model=model).observe(seconds)
+        if status >= 400:
+            self.metrics.errors.labels(route=route, model=model, type=state.get("error_type", "unknown")).inc()
+        logger.info(
+            "request",
+            extra={
+                "method": scope["method"], "path": scope["path"], "status": status,
+                "duration_ms": round(seconds * 1000, 1), "model": model or None,
+            },
+        )  # fmt: skip

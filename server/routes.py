@@ -1,0 +1,83 @@
+"""HTTP routes: thin, each takes its handler from ``app.state`` and returns what it gives."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from models.errors import EngineUnavailableError
+from server.engines import ModelRegistry
+from server.errors import error_payload
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
+from server.serving_chat import ChatCompletionHandler
+from server.serving_completion import CompletionHandler
+
+
+def _completion_handler(request: Request) -> CompletionHandler:
+    return request.app.state.completion_handler
+
+
+def _chat_handler(request: Request) -> ChatCompletionHandler:
+    return request.app.state.chat_handler
+
+
+def _registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def _metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+CompletionHandlerDep = Annotated[CompletionHandler, Depends(_completion_handler)]
+ChatHandlerDep = Annotated[ChatCompletionHandler, Depends(_chat_handler)]
+RegistryDep = Annotated[ModelRegistry, Depends(_registry)]
+MetricsDep = Annotated[Metrics, Depends(_metrics)]
+
+openai_router = APIRouter(prefix="/v1")
+ops_router = APIRouter()
+
+
+@openai_router.get("/models")
+async def list_models(registry: RegistryDep) -> ModelList:
+    created = now()
+    return ModelList(
+        data=[
+            ModelCard(id=name, created=created, max_model_len=engine.info.max_model_len)
+            for name, engine in registry.engines.items()
+        ]
+    )
+
+
+@openai_router.post("/completions", response_model=None)
+async def create_completion(body: CompletionRequest, request: Request, handler: CompletionHandlerDep) -> Any:
+    return await handler.create(body, request)
+
+
+@openai_router.post("/chat/completions", response_model=None)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, handler: ChatHandlerDep) -> Any:
+    return await handler.create(body, request)
+
+
+@ops_router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process answers, whether or not models have loaded."""
+    return {"status": "ok"}
+
+
+@ops_router.get("/ready")
+async def ready(registry: RegistryDep) -> JSONResponse:
+    """Readiness: every configured model is loaded."""
+    if registry.ready:
+        return JSONResponse({"status": "ready", "models": sorted(registry.engines)})
+    reason = registry.load_error or "models are still loading"
+    return JSONResponse(error_payload(EngineUnavailableError(reason)), status_code=503)
+
+
+@ops_router.get("/metrics")
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
