@@ -6,7 +6,7 @@ implements ``Engine``; nothing above ``models/`` knows which one it talks to.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -133,7 +133,7 @@ class Engine(Protocol):
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion: ...
 
-    def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[SampleDelta]:
+    def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
         """Deltas as tokens are sampled; closing the iterator cancels generation."""
         ...
 

@@ -7,7 +7,7 @@ import hashlib
 import json
 import secrets
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -117,7 +117,7 @@ class HFEngine:
         self._device = torch.device(device)
         self._tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
         self._model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-        self._model.to(self._device).eval()
+        self._model.eval().to(self._device)
         position_limit = int(self._model.config.max_position_embeddings)
         self._info = EngineInfo(
             name=name,
@@ -163,7 +163,7 @@ class HFEngine:
         finally:
             cancelled.set()
 
-    async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[SampleDelta]:
+    async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
         prompt_ids = await self._prompt_ids(prompt)
         async with aclosing(self._stream_ids(prompt_ids, params)) as deltas:
             async for delta in deltas:
@@ -172,7 +172,7 @@ class HFEngine:
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _stream_ids(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[SampleDelta]:
+    async def _stream_ids(self, prompt_ids: list[int], params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[SampleDelta | None] = asyncio.Queue()
         cancelled = threading.Event()
@@ -215,7 +215,9 @@ class HFEngine:
         return str(self._tokenizer.decode([token_id]))
 
     def _decode(self, token_ids: Sequence[int]) -> str:
-        return str(self._tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+        return str(
+            self._tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        )
 
     def _generate(
         self, prompt_ids: list[int], params: SamplingParams, emit: Emit | None, cancelled: threading.Event
@@ -284,7 +286,9 @@ class HFEngine:
             record = None
             if params.logprobs is not None:
                 alternatives = () if top is None else self._top_logprobs(top.values[row], top.indices[row])
-                record = TokenLogprob(token_id, self._token_text(token_id), float(logprobs[row, token_id]), alternatives)
+                record = TokenLogprob(
+                    token_id, self._token_text(token_id), float(logprobs[row, token_id]), alternatives
+                )
             step.deltas.append(seq.advance(token_id, record, eos=token_id in self._eos_ids, at_limit=at_limit))
         return step
 

@@ -19,10 +19,11 @@ import shutil
 import sysconfig
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 TINY_MODELS_VERSION = "1"
 TINY_MODEL_NAMES = ("base", "chat", "chat-shared", "reward")
@@ -74,12 +75,13 @@ def make_tiny_models(root: Path) -> Path:
 
 def _build_all(out: Path) -> None:
     corpus = _read_corpus()
-    base_tokenizer = _train_tokenizer(corpus, vocab_size=2048, eos_token="<|endoftext|>")
+    base_vocabulary = _train_bpe(corpus, vocab_size=2048)
+    base_tokenizer = _wrap(base_vocabulary, eos_token="<|endoftext|>")
+    shared_chat_tokenizer = _wrap(base_vocabulary, eos_token="<|im_end|>", chat_template=_CHAT_TEMPLATE)
     # Trained on every other document with a smaller vocabulary: a genuinely different tokenizer.
-    chat_tokenizer = _train_tokenizer(corpus[1::2], vocab_size=1536, eos_token="<|im_end|>")
-    chat_tokenizer.chat_template = _CHAT_TEMPLATE
-    shared_chat_tokenizer = _train_tokenizer(corpus, vocab_size=2048, eos_token="<|im_end|>")
-    shared_chat_tokenizer.chat_template = _CHAT_TEMPLATE
+    chat_tokenizer = _wrap(
+        _train_bpe(corpus[1::2], vocab_size=1536), eos_token="<|im_end|>", chat_template=_CHAT_TEMPLATE
+    )
 
     _save_causal_lm(out / "base", base_tokenizer, seed=0)
     _save_causal_lm(out / "chat", chat_tokenizer, seed=1)
@@ -92,9 +94,8 @@ def _read_corpus() -> list[str]:
     return [(stdlib / name).read_text(encoding="utf-8") for name in _CORPUS_MODULES]
 
 
-def _train_tokenizer(corpus: list[str], *, vocab_size: int, eos_token: str) -> PreTrainedTokenizerFast:
+def _train_bpe(corpus: list[str], *, vocab_size: int) -> Tokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -106,12 +107,20 @@ def _train_tokenizer(corpus: list[str], *, vocab_size: int, eos_token: str) -> P
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token=eos_token, pad_token="<|endoftext|>", model_max_length=2048
+    return tokenizer
+
+
+def _wrap(vocabulary: Tokenizer, *, eos_token: str, chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=vocabulary, eos_token=eos_token, pad_token="<|endoftext|>", model_max_length=2048
     )
+    tokenizer.chat_template = chat_template
+    return tokenizer
 
 
-def _llama_config(tokenizer: PreTrainedTokenizerFast, **overrides: object) -> object:
+def _llama_config(tokenizer: PreTrainedTokenizerFast, **overrides: Any) -> LlamaConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -139,9 +148,7 @@ def _save_causal_lm(path: Path, tokenizer: PreTrainedTokenizerFast, *, seed: int
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_llama_config(tokenizer))
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
 

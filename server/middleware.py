@@ -15,9 +15,7 @@ logger = logging.getLogger("alignd.access")
 
 REQUEST_ID_HEADER = "x-request-id"
 # Metric labels use these paths; anything else is "other", so clients cannot grow the label set.
-KNOWN_ROUTES = frozenset(
-    ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics")
-)
+KNOWN_ROUTES = frozenset(("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics"))
 
 
 class RequestContextMiddleware:

@@ -96,16 +96,17 @@ class CompletionRequest(_GenerationRequest):
 
     unsupported: ClassVar[dict[str, Any]] = {**_GenerationRequest.unsupported, "best_of": 1, "suffix": None}
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[int]
     best_of: int | None = None
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0)
     max_tokens: int = Field(default=16, ge=1)
     suffix: str | None = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _single_prompt(cls, prompt: str | list[Any]) -> str | list[int]:
+    def _single_prompt(cls, prompt: Any) -> Any:
+        """OpenAI also takes a batch (a list of prompts); alignd takes a batch of one."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
             if len(prompt) != 1:
                 raise PydanticCustomError(UNSUPPORTED, "batched prompts are not supported; send one prompt per request")

@@ -48,14 +48,19 @@ class OpenAIServing:
             raise InvalidRequestError(f"`{param}` must be between 0 and {limit}, got {k}.", param=param)
 
     def max_tokens_for(
-        self, engine: Engine, prompt_tokens: int, requested: int | None, *, prompt_param: str
+        self,
+        engine: Engine,
+        prompt_tokens: int,
+        requested: int | None,
+        *,
+        prompt_param: str,
+        budget_param: str = "max_tokens",
     ) -> int:
         """The token budget, checked against the context: the request's, else what is left (capped)."""
         context = engine.info.max_model_len
         if prompt_tokens >= context:
             raise ContextLengthExceededError(
-                f"This model's maximum context length is {context} tokens, but the prompt has "
-                f"{prompt_tokens} tokens.",
+                f"This model's maximum context length is {context} tokens, but the prompt has {prompt_tokens} tokens.",
                 param=prompt_param,
             )
         if requested is None:
@@ -63,9 +68,9 @@ class OpenAIServing:
         if prompt_tokens + requested > context:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {context} tokens; the prompt has {prompt_tokens} "
-                f"tokens and `max_tokens` asks for {requested}. Lower `max_tokens` to at most "
+                f"tokens and `{budget_param}` asks for {requested}. Lower `{budget_param}` to at most "
                 f"{context - prompt_tokens}.",
-                param="max_tokens",
+                param=budget_param,
             )
         return requested
 
@@ -91,4 +96,3 @@ class OpenAIServing:
             yield {"data": DONE}
 
         return EventSourceResponse(events(), sep="\n")
-

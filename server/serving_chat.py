@@ -42,7 +42,11 @@ class ChatCompletionHandler(OpenAIServing):
         prompt = await engine.render_chat([message.to_template() for message in request.messages])
         prompt_ids = await engine.tokenize(prompt, add_special_tokens=False)
         max_tokens = self.max_tokens_for(
-            engine, len(prompt_ids), request.requested_max_tokens, prompt_param="messages"
+            engine,
+            len(prompt_ids),
+            request.requested_max_tokens,
+            prompt_param="messages",
+            budget_param="max_completion_tokens" if request.max_completion_tokens else "max_tokens",
         )
         params = request.sampling_params(
             max_tokens=max_tokens, logprobs=(request.top_logprobs or 0) if request.logprobs else None
@@ -73,9 +77,13 @@ class ChatCompletionHandler(OpenAIServing):
         response_id, created = new_id("chatcmpl"), now()
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=choices, usage=usage)
+            return ChatCompletionChunk(
+                id=response_id, created=created, model=request.model, choices=choices, usage=usage
+            )
 
-        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(params.n)])
+        yield chunk(
+            [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(params.n)]
+        )
         generated = 0
         async with aclosing(engine.stream(prompt_ids, params)) as deltas:
             async for delta in deltas:

@@ -48,7 +48,7 @@ class CompletionHandler(OpenAIServing):
 
     async def _response(self, request: CompletionRequest, engine: Engine, completion: Completion) -> CompletionResponse:
         prefix = await engine.detokenize(completion.prompt_token_ids) if request.echo else ""
-        prompt_entries = await self._prompt_entries(engine, completion) if request.echo else []
+        prompt_entries = await self._prompt_entries(engine, completion) if completion.prompt_logprobs else []
         choices = []
         for sample in completion.samples:
             logprobs = None
@@ -69,9 +69,10 @@ class CompletionHandler(OpenAIServing):
 
     async def _prompt_entries(self, engine: Engine, completion: Completion) -> list[LogprobEntry]:
         """(token text, logprob record) per prompt token; the first token has no logprob."""
-        ids, records = completion.prompt_token_ids, completion.prompt_logprobs or []
-        tokens = [record.token if record else await engine.detokenize([token]) for token, record in zip(ids, records)]
-        return list(zip(tokens, records, strict=True))
+        entries: list[LogprobEntry] = []
+        for token_id, record in zip(completion.prompt_token_ids, completion.prompt_logprobs or [], strict=True):
+            entries.append((record.token if record else await engine.detokenize([token_id]), record))
+        return entries
 
     async def _chunks(
         self, request: CompletionRequest, engine: Engine, prompt_ids: list[int], params: SamplingParams

@@ -1,0 +1,41 @@
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.utils import RemoteAligndServer
+
+CONFIG = """\
+model_root: {root}
+models:
+  - {{name: tiny-base, path: base}}
+  - {{name: tiny-chat, path: chat, workers: 2}}
+  - {{name: tiny-base-short, path: base, max_model_len: 64}}
+  - {{name: tiny-chat-short, path: chat, max_model_len: 64}}
+limits:
+  max_n: 4
+  max_logprobs: 5
+  default_max_tokens: 32
+"""
+
+
+@pytest.fixture(scope="session")
+def server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteAligndServer]:
+    directory = tmp_path_factory.mktemp("gateway")
+    config = directory / "alignd.yaml"
+    config.write_text(CONFIG.format(root=tiny_models))
+    with RemoteAligndServer(config, directory / "alignd.log") as live:
+        yield live
+
+
+@pytest.fixture
+def client(server: RemoteAligndServer) -> Iterator[openai.OpenAI]:
+    with server.client() as live:
+        yield live
+
+
+@pytest.fixture
+async def async_client(server: RemoteAligndServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with server.async_client() as live:
+        yield live

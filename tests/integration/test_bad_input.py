@@ -1,0 +1,132 @@
+"""Bad input gets a 4xx OpenAI error naming the field; the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.utils import RemoteAligndServer
+
+USER = [{"role": "user", "content": "hi"}]
+
+CASES: list[tuple[str, str, dict[str, Any], int, str | None, str]] = [
+    # (id, route, body, status, param, code)
+    ("unknown-model", "completions", {"model": "gpt-9", "prompt": "x"}, 404, "model", "model_not_found"),
+    ("unknown-model-chat", "chat/completions", {"model": "gpt-9", "messages": USER}, 404, "model", "model_not_found"),
+    ("missing-prompt", "completions", {"model": "tiny-base"}, 400, "prompt", "invalid_request"),
+    ("missing-messages", "chat/completions", {"model": "tiny-chat"}, 400, "messages", "invalid_request"),
+    ("empty-messages", "chat/completions", {"model": "tiny-chat", "messages": []}, 400, "messages", "invalid_request"),
+    ("missing-model", "completions", {"prompt": "x"}, 400, "model", "invalid_request"),
+    ("wrong-type-max-tokens", "completions", {"model": "tiny-base", "prompt": "x", "max_tokens": "ten"}, 400,
+     "max_tokens", "invalid_request"),
+    ("wrong-type-temperature", "chat/completions", {"model": "tiny-chat", "messages": USER, "temperature": "hot"},
+     400, "temperature", "invalid_request"),
+    ("wrong-type-messages", "chat/completions", {"model": "tiny-chat", "messages": "hi"}, 400, "messages",
+     "invalid_request"),
+    ("bad-role", "chat/completions", {"model": "tiny-chat", "messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages.0.role", "invalid_request"),
+    ("zero-max-tokens", "completions", {"model": "tiny-base", "prompt": "x", "max_tokens": 0}, 400, "max_tokens",
+     "invalid_request"),
+    ("negative-max-tokens", "chat/completions", {"model": "tiny-chat", "messages": USER, "max_tokens": -5}, 400,
+     "max_tokens", "invalid_request"),
+    ("max-tokens-beyond-context", "completions", {"model": "tiny-base-short", "prompt": "x", "max_tokens": 100},
+     400, "max_tokens", "context_length_exceeded"),
+    ("prompt-beyond-context", "completions", {"model": "tiny-base-short", "prompt": "word " * 200}, 400, "prompt",
+     "context_length_exceeded"),
+    ("messages-beyond-context", "chat/completions",
+     {"model": "tiny-chat-short", "messages": [{"role": "user", "content": "word " * 200}]}, 400, "messages",
+     "context_length_exceeded"),
+    ("chat-max-tokens-beyond-context", "chat/completions",
+     {"model": "tiny-chat-short", "messages": USER, "max_completion_tokens": 60}, 400, "max_completion_tokens",
+     "context_length_exceeded"),
+    ("n-too-large", "completions", {"model": "tiny-base", "prompt": "x", "n": 5}, 400, "n", "invalid_request"),
+    ("n-zero", "chat/completions", {"model": "tiny-chat", "messages": USER, "n": 0}, 400, "n", "invalid_request"),
+    ("logprobs-too-many", "completions", {"model": "tiny-base", "prompt": "x", "logprobs": 6}, 400, "logprobs",
+     "invalid_request"),
+    ("top-logprobs-too-many", "chat/completions",
+     {"model": "tiny-chat", "messages": USER, "logprobs": True, "top_logprobs": 6}, 400, "top_logprobs",
+     "invalid_request"),
+    ("top-logprobs-without-logprobs", "chat/completions", {"model": "tiny-chat", "messages": USER, "top_logprobs": 2},
+     400, "top_logprobs", "invalid_request"),
+    ("unsupported-tools", "chat/completions", {"model": "tiny-chat", "messages": USER, "tools": [{"type": "x"}]},
+     400, "tools", "unsupported_parameter"),
+    ("unsupported-penalty", "completions", {"model": "tiny-base", "prompt": "x", "presence_penalty": 0.5}, 400,
+     "presence_penalty", "unsupported_parameter"),
+    ("unsupported-best-of", "completions", {"model": "tiny-base", "prompt": "x", "best_of": 3}, 400, "best_of",
+     "unsupported_parameter"),
+    ("batched-prompts", "completions", {"model": "tiny-base", "prompt": ["a", "b"]}, 400, "prompt",
+     "unsupported_parameter"),
+    ("unknown-parameter", "completions", {"model": "tiny-base", "prompt": "x", "colour": "red"}, 400, "colour",
+     "invalid_request"),
+    ("token-ids-out-of-vocabulary", "completions", {"model": "tiny-base", "prompt": [5, 99999]}, 400, "prompt",
+     "invalid_request"),
+    ("chat-without-template", "chat/completions", {"model": "tiny-base", "messages": USER}, 400, "messages",
+     "invalid_request"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "status", "param", "code"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_request_is_a_named_4xx(
+    server: RemoteAligndServer, route: str, body: dict[str, Any], status: int, param: str | None, code: str
+):
+    response = httpx.post(f"{server.url}/v1/{route}", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["param"], error["code"]) == (param, code)
+    assert error["message"]
+
+
+@pytest.mark.parametrize("payload", [b"{not json", b"", b"[1, 2]", b'{"model": "tiny-base", "prompt": "x",}'], ids=repr)
+def test_malformed_json(server: RemoteAligndServer, payload: bytes):
+    response = httpx.post(
+        f"{server.url}/v1/completions", content=payload, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_route_and_method(server: RemoteAligndServer):
+    assert httpx.get(f"{server.url}/v1/nothing").json()["error"]["code"] == "not_found"
+    response = httpx.get(f"{server.url}/v1/completions")
+    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_openai_client_raises_typed_errors(client: openai.OpenAI):
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="nope", prompt="x")
+    assert missing.value.body["param"] == "model"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model="tiny-base-short", prompt="x", max_tokens=1000)
+    assert too_long.value.code == "context_length_exceeded"
+
+
+async def test_bad_requests_do_not_disturb_good_ones(async_client: openai.AsyncOpenAI, server: RemoteAligndServer):
+    async def bad() -> int:
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.post(
+                f"{server.url}/v1/completions", json={"model": "tiny-base", "prompt": "x", "n": 0}
+            )
+        return response.status_code
+
+    async def good() -> str:
+        completion = await async_client.completions.create(model="tiny-base", prompt="print(", max_tokens=8)
+        return completion.choices[0].finish_reason
+
+    results = await asyncio.gather(*[bad() for _ in range(10)], *[good() for _ in range(4)])
+    assert results[:10] == [400] * 10
+    assert all(reason in ("stop", "length") for reason in results[10:])
+
+
+def test_client_disconnect_mid_stream_keeps_the_server_serving(server: RemoteAligndServer, client: openai.OpenAI):
+    body = {"model": "tiny-base", "prompt": "x", "max_tokens": 1500, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+        next(response.iter_lines())
+    completion = client.completions.create(model="tiny-base", prompt="x", max_tokens=2)
+    assert completion.choices[0].finish_reason in ("stop", "length")

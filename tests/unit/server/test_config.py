@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from server.config import Settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "alignd.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_with_relative_paths(tmp_path: Path):
+    settings = Settings.load(write(tmp_path, f"model_root: {tmp_path}\nmodels:\n  - {{name: a, path: base}}\n"))
+    assert settings.models[0].path == tmp_path / "base"
+    assert settings.limits.max_n == 8
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("ALIGND_PORT", "9001")
+    monkeypatch.setenv("ALIGND_LIMITS__MAX_N", "3")
+    settings = Settings.load(write(tmp_path, "port: 8000\nmodels:\n  - {name: a, path: /m}\nlimits: {max_n: 5}\n"))
+    assert settings.port == 9001
+    assert settings.limits.max_n == 3
+
+
+def test_embedded_default_serves_the_tiny_models():
+    settings = Settings.load()
+    assert settings.tiny_models
+    assert [model.name for model in settings.models] == ["tiny-base", "tiny-chat", "tiny-chat-shared"]
+    assert all(model.path.parent == settings.model_root for model in settings.models)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "models: []\n",
+        "models:\n  - {name: a, path: /m}\n  - {name: a, path: /n}\n",
+        "models:\n  - {name: a, path: /m, colour: red}\n",
+        "models:\n  - {name: a, path: /m}\nlimits: {max_n: 0}\n",
+    ],
+)
+def test_invalid_files_are_rejected(tmp_path: Path, text: str):
+    with pytest.raises(ValidationError):
+        Settings.load(write(tmp_path, text))
