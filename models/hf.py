@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import secrets
 import threading
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -26,20 +24,14 @@ from models.engine import (
     TokenLogprob,
     TopLogprob,
 )
-from models.errors import InvalidRequestError
 from models.text import IncrementalDetokenizer
+from models.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel
 
 Emit = Callable[[SampleDelta], None]
-
-
-def vocabulary_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A short hash of the token -> id map: equal hashes mean exchangeable token ids."""
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), separators=(",", ":"))
-    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
 
 
 @dataclass(slots=True)
@@ -111,22 +103,21 @@ class HFEngine:
         workers: int = 1,
     ) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         self._torch = torch
         self._device = torch.device(device)
-        self._tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
         self._model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         self._model.eval().to(self._device)
+        self.tokenizer = Tokenizer(path, name=name, extra_eos_ids=_as_list(self._model.generation_config.eos_token_id))
         position_limit = int(self._model.config.max_position_embeddings)
         self._info = EngineInfo(
             name=name,
             max_model_len=min(max_model_len or position_limit, position_limit),
             max_logprobs=max_logprobs,
-            has_chat_template=self._tokenizer.chat_template is not None,
-            tokenizer_id=vocabulary_fingerprint(self._tokenizer),
+            has_chat_template=self.tokenizer.has_chat_template,
+            tokenizer_id=self.tokenizer.fingerprint,
         )
-        self._eos_ids = self._collect_eos_ids()
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"hf-{name}")
 
     @property
@@ -134,25 +125,13 @@ class HFEngine:
         return self._info
 
     async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     async def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self._decode(token_ids)
+        return self.tokenizer.decode(token_ids)
 
     async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
-        from jinja2 import TemplateError
-
-        if not self._info.has_chat_template:
-            raise InvalidRequestError(
-                f"The model `{self._info.name}` has no chat template; use /v1/completions.", param="messages"
-            )
-        try:
-            rendered = self._tokenizer.apply_chat_template(
-                [dict(message) for message in messages], tokenize=False, add_generation_prompt=True
-            )
-        except TemplateError as exc:
-            raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from exc
-        return str(rendered)
+        return self.tokenizer.render_chat(messages)
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
         prompt_ids = await self._prompt_ids(prompt)
@@ -192,32 +171,7 @@ class HFEngine:
             future.cancel()
 
     async def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            return await self.tokenize(prompt)
-        ids = list(prompt)
-        vocab_size = len(self._tokenizer)
-        if not ids or any(not 0 <= token < vocab_size for token in ids):
-            raise InvalidRequestError(
-                f"Token ids must be a non-empty list of integers in [0, {vocab_size}).", param="prompt"
-            )
-        return ids
-
-    def _collect_eos_ids(self) -> frozenset[int]:
-        ids: set[int] = set()
-        for source in (self._model.generation_config.eos_token_id, self._tokenizer.eos_token_id):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source is not None:
-                ids.update(source)
-        return frozenset(ids)
-
-    def _token_text(self, token_id: int) -> str:
-        return str(self._tokenizer.decode([token_id]))
-
-    def _decode(self, token_ids: Sequence[int]) -> str:
-        return str(
-            self._tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        )
+        return await self.tokenize(prompt) if isinstance(prompt, str) else self.tokenizer.check_ids(prompt)
 
     def _generate(
         self, prompt_ids: list[int], params: SamplingParams, emit: Emit | None, cancelled: threading.Event
@@ -229,7 +183,7 @@ class HFEngine:
         sequences = [
             _Sequence(
                 index=i,
-                detokenizer=IncrementalDetokenizer(self._decode, params.stop),
+                detokenizer=IncrementalDetokenizer(self.tokenizer.decode, params.stop),
                 processors=[make() for make in params.logits_processors],
                 logprobs=[] if params.logprobs is not None else None,
             )
@@ -287,14 +241,14 @@ class HFEngine:
             if params.logprobs is not None:
                 alternatives = () if top is None else self._top_logprobs(top.values[row], top.indices[row])
                 record = TokenLogprob(
-                    token_id, self._token_text(token_id), float(logprobs[row, token_id]), alternatives
+                    token_id, self.tokenizer.token_text(token_id), float(logprobs[row, token_id]), alternatives
                 )
-            step.deltas.append(seq.advance(token_id, record, eos=token_id in self._eos_ids, at_limit=at_limit))
+            step.deltas.append(seq.advance(token_id, record, eos=token_id in self.tokenizer.eos_ids, at_limit=at_limit))
         return step
 
     def _top_logprobs(self, values: torch.Tensor, indices: torch.Tensor) -> tuple[TopLogprob, ...]:
         return tuple(
-            TopLogprob(token_id, self._token_text(token_id), logprob)
+            TopLogprob(token_id, self.tokenizer.token_text(token_id), logprob)
             for token_id, logprob in zip(indices.tolist(), values.tolist(), strict=True)
         )
 
@@ -307,7 +261,7 @@ class HFEngine:
         records: list[TokenLogprob | None] = [None]
         for position, (token_id, logprob) in enumerate(zip(prompt_ids[1:], chosen, strict=True)):
             alternatives = () if top is None else self._top_logprobs(top.values[position], top.indices[position])
-            records.append(TokenLogprob(token_id, self._token_text(token_id), logprob, alternatives))
+            records.append(TokenLogprob(token_id, self.tokenizer.token_text(token_id), logprob, alternatives))
         return records
 
 
@@ -337,3 +291,9 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def _as_list(ids: int | Sequence[int] | None) -> list[int]:
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else list(ids)

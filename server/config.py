@@ -11,10 +11,30 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 EMBEDDED_CONFIG = "embedded.yaml"
+
+
+class VLLMConfig(BaseModel):
+    """How to reach vLLM workers: existing replicas (``urls``) or managed ones (launched here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    urls: list[str] = Field(default_factory=list, description="Existing replicas; empty: launch managed workers.")
+    served_name: str | None = Field(default=None, description="The model name the workers serve (default: `name`).")
+    replicas: int = Field(default=1, ge=1, description="Managed workers to launch.")
+    command: list[str] | None = Field(
+        default=None, description="Managed: the server command (default: this Python's vLLM OpenAI server)."
+    )
+    args: list[str] = Field(default_factory=list, description="Managed: extra vLLM command-line arguments.")
+    env: dict[str, str] = Field(default_factory=dict, description="Managed: extra environment variables.")
+
+    @field_validator("urls")
+    @classmethod
+    def _strip_slashes(cls, urls: list[str]) -> list[str]:
+        return [url.rstrip("/") for url in urls]
 
 
 class ModelConfig(BaseModel):
@@ -23,12 +43,74 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, description="The name clients put in `model`.")
-    backend: Literal["hf"] = "hf"
-    path: Path = Field(description="Model directory; relative paths resolve against `model_root`.")
+    backend: Literal["hf", "vllm"] = "hf"
+    path: Path = Field(
+        description="Model directory (vllm: at least its tokenizer files); relative paths resolve against "
+        "`model_root`."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field(default="cpu", description="hf: the torch device.")
+    max_model_len: int | None = Field(default=None, ge=1)
+    workers: int = Field(default=1, ge=1, description="hf: generations of this model that run at once.")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+
+
+class RuleConfig(BaseModel):
+    """A built-in programmatic reward (see ``models.scorers.RuleScorer``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["regex", "json", "length"]
+    pattern: str | None = Field(default=None, description="regex: 1.0 when the response matches, else 0.0.")
+    target: int | None = Field(default=None, ge=1, description="length: the ideal length in characters.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        if self.kind == "regex" and not self.pattern:
+            raise ValueError("a regex rule needs `pattern`")
+        if self.kind == "length" and self.target is None:
+            raise ValueError("a length rule needs `target`")
+        return self
+
+
+class ScorerConfig(BaseModel):
+    """A reward scorer: (prompt, response) pairs -> floats."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    backend: Literal["hf", "vllm", "rule"]
+    path: Path | None = Field(default=None, description="hf / vllm: the reward model directory.")
+    template: str = Field(
+        default="{prompt}{response}", description="How a pair becomes the reward model's input text."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     max_model_len: int | None = Field(default=None, ge=1)
-    workers: int = Field(default=1, ge=1, description="Generations of this model that run at once.")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    rule: RuleConfig | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        if self.backend == "rule" and self.rule is None:
+            raise ValueError(f"scorer `{self.name}`: a rule scorer needs `rule`")
+        if self.backend != "rule" and self.path is None:
+            raise ValueError(f"scorer `{self.name}`: an {self.backend} scorer needs `path`")
+        return self
+
+
+class WorkersConfig(BaseModel):
+    """How the gateway talks to vLLM workers and supervises the ones it launches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    health_interval_s: float = Field(default=2.0, gt=0, description="Health checks of every replica.")
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0, description="A non-streaming call, end to end.")
+    startup_timeout_s: float = Field(default=600.0, gt=0, description="Managed: until a new worker is healthy.")
+    restart_backoff_s: float = Field(default=1.0, gt=0, description="Managed: first restart delay, then doubled.")
+    max_restart_backoff_s: float = Field(default=60.0, gt=0)
+    log_dir: Path | None = Field(default=None, description="Managed: worker logs (default: a temporary directory).")
 
 
 class LimitsConfig(BaseModel):
@@ -52,7 +134,9 @@ class Settings(BaseSettings):
     model_root: Path = Field(default=Path("."), description="Base directory for relative model paths.")
     tiny_models: bool = Field(default=False, description="Build the tiny offline models into `model_root` if missing.")
     models: list[ModelConfig] = Field(min_length=1)
+    scorers: list[ScorerConfig] = Field(default_factory=list)
     limits: LimitsConfig = LimitsConfig()
+    workers: WorkersConfig = WorkersConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -69,12 +153,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _resolve_paths(self) -> Self:
         self.model_root = self.model_root.expanduser()
-        for model in self.models:
-            model.path = self.model_root / model.path.expanduser()
-        names = [model.name for model in self.models]
+        for entry in [*self.models, *self.scorers]:
+            if entry.path is not None:
+                entry.path = self.model_root / entry.path.expanduser()
+        names = [entry.name for entry in [*self.models, *self.scorers]]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
-            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+            raise ValueError(f"model and scorer names must be unique; repeated: {', '.join(duplicates)}")
         return self
 
     @classmethod

@@ -4,8 +4,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from models.hf import vocabulary_fingerprint
 from models.tiny import TINY_MODEL_NAMES, ensure_tiny_models, make_tiny_models, tiny_models_ready
+from models.tokenizer import vocabulary_fingerprint
 
 
 def digest(root: Path) -> dict[str, str]:
