@@ -19,7 +19,7 @@ from server.serving_completion import CompletionHandler
 
 
 def build_app(settings: Settings) -> FastAPI:
-    registry = ModelRegistry(settings.models, settings.limits)
+    registry = ModelRegistry(settings)
     metrics = Metrics()
 
     @contextlib.asynccontextmanager
@@ -30,6 +30,8 @@ def build_app(settings: Settings) -> FastAPI:
             yield
         finally:
             loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
             await registry.close()
 
     app = FastAPI(title="alignd", lifespan=lifespan)

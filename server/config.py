@@ -45,8 +45,7 @@ class ModelConfig(BaseModel):
     name: str = Field(min_length=1, description="The name clients put in `model`.")
     backend: Literal["hf", "vllm"] = "hf"
     path: Path = Field(
-        description="Model directory (vllm: at least its tokenizer files); relative paths resolve against "
-        "`model_root`."
+        description="Model directory (vllm: at least its tokenizer files); relative paths resolve against `model_root`."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field(default="cpu", description="hf: the torch device.")
@@ -81,9 +80,7 @@ class ScorerConfig(BaseModel):
     name: str = Field(min_length=1)
     backend: Literal["hf", "vllm", "rule"]
     path: Path | None = Field(default=None, description="hf / vllm: the reward model directory.")
-    template: str = Field(
-        default="{prompt}{response}", description="How a pair becomes the reward model's input text."
-    )
+    template: str = Field(default="{prompt}{response}", description="How a pair becomes the reward model's input text.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     max_model_len: int | None = Field(default=None, ge=1)
@@ -153,10 +150,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _resolve_paths(self) -> Self:
         self.model_root = self.model_root.expanduser()
-        for entry in [*self.models, *self.scorers]:
+        entries: list[ModelConfig | ScorerConfig] = [*self.models, *self.scorers]
+        for entry in entries:
             if entry.path is not None:
                 entry.path = self.model_root / entry.path.expanduser()
-        names = [entry.name for entry in [*self.models, *self.scorers]]
+        names = [entry.name for entry in entries]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"model and scorer names must be unique; repeated: {', '.join(duplicates)}")

@@ -1,44 +1,132 @@
-"""The served models: built from configuration, loaded in the background, looked up by name."""
+"""The served models and scorers: built from configuration, loaded in the background, looked up by name."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
 
 from models.engine import Engine
-from models.errors import EngineUnavailableError, ModelNotFoundError
-from server.config import LimitsConfig, ModelConfig
+from models.errors import EngineUnavailableError, InvalidRequestError, ModelNotFoundError
+from models.scorers import Scorer
+from models.vllm_service import VLLMService
+from models.workers import DEFAULT_COMMAND, Supervision, WorkerSpec
+from server.config import ModelConfig, ScorerConfig, Settings, VLLMConfig
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
-def build_engine(config: ModelConfig, limits: LimitsConfig) -> Engine:
-    """Loads one configured model (blocking: call it off the event loop)."""
-    from models.hf import HFEngine
 
-    return HFEngine(
+async def build_engine(config: ModelConfig, settings: Settings) -> Engine:
+    """Loads one configured model: in-process, or on vLLM workers (connected or launched)."""
+    if config.backend == "hf":
+        from models.hf import HFEngine
+
+        return await asyncio.to_thread(
+            HFEngine,
+            config.name,
+            config.path,
+            dtype=config.dtype,
+            device=config.device,
+            max_model_len=config.max_model_len,
+            max_logprobs=settings.limits.max_logprobs,
+            workers=config.workers,
+        )
+    from models.tokenizer import Tokenizer
+    from models.vllm_engine import VLLMEngine
+
+    tokenizer = await asyncio.to_thread(Tokenizer, config.path, name=config.name)
+    generation_args = ["--max-logprobs", str(settings.limits.max_logprobs), "--generation-config", "vllm"]
+    service = await start_service(config.name, config.path, config.vllm, settings, generation_args, config)
+    return await VLLMEngine.create(
         config.name,
-        config.path,
-        dtype=config.dtype,
-        device=config.device,
-        max_model_len=config.max_model_len,
-        max_logprobs=limits.max_logprobs,
-        workers=config.workers,
+        tokenizer,
+        service,
+        served_name=config.vllm.served_name or config.name,
+        max_logprobs=settings.limits.max_logprobs,
     )
 
 
-class ModelRegistry:
-    """Engines by model name. ``/health`` is up while they load; ``/ready`` once they have."""
+async def build_scorer(config: ScorerConfig, settings: Settings) -> Scorer:
+    if config.backend == "rule":
+        from models.scorers import RuleScorer
 
-    def __init__(self, configs: list[ModelConfig], limits: LimitsConfig) -> None:
-        self._configs = configs
-        self._limits = limits
+        assert config.rule is not None
+        return RuleScorer(config.name, config.rule.kind, pattern=config.rule.pattern, target=config.rule.target)
+    assert config.path is not None
+    if config.backend == "hf":
+        from models.scorers import HFRewardScorer
+
+        return await asyncio.to_thread(
+            HFRewardScorer,
+            config.name,
+            config.path,
+            template=config.template,
+            dtype=config.dtype,
+            device=config.device,
+            max_length=config.max_model_len,
+        )
+    from models.scorers import VLLMRewardScorer
+
+    service = await start_service(config.name, config.path, config.vllm, settings, [], config)
+    return VLLMRewardScorer(
+        config.name, service, served_name=config.vllm.served_name or config.name, template=config.template
+    )
+
+
+async def start_service(
+    name: str,
+    path: Path,
+    vllm: VLLMConfig,
+    settings: Settings,
+    role_args: list[str],
+    config: ModelConfig | ScorerConfig,
+) -> VLLMService:
+    """Connects to ``vllm.urls``, or launches ``vllm.replicas`` managed workers for ``path``."""
+    workers = settings.workers
+    options: dict[str, Any] = {
+        "health_interval_s": workers.health_interval_s,
+        "connect_timeout_s": workers.connect_timeout_s,
+        "request_timeout_s": workers.request_timeout_s,
+    }
+    if vllm.urls:
+        return await VLLMService.connect(name, vllm.urls, **options)
+    args = ["--dtype", config.dtype, *role_args]
+    if config.max_model_len is not None:
+        args += ["--max-model-len", str(config.max_model_len)]
+    spec = WorkerSpec(
+        name=name,
+        model_path=path,
+        served_name=vllm.served_name or name,
+        args=(*args, *vllm.args),
+        env=vllm.env,
+        command=tuple(vllm.command) if vllm.command else DEFAULT_COMMAND,
+    )
+    supervision = Supervision(
+        startup_timeout_s=workers.startup_timeout_s,
+        restart_backoff_s=workers.restart_backoff_s,
+        max_restart_backoff_s=workers.max_restart_backoff_s,
+        health_timeout_s=workers.connect_timeout_s,
+    )
+    return await VLLMService.launch(spec, vllm.replicas, supervision=supervision, log_dir=workers.log_dir, **options)
+
+
+class ModelRegistry:
+    """Engines and scorers by name. ``/health`` is up while they load; ``/ready`` once they have."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
         self._engines: dict[str, Engine] = {}
+        self._scorers: dict[str, Scorer] = {}
         self.load_error: str | None = None
 
     @property
     def ready(self) -> bool:
-        return len(self._engines) == len(self._configs)
+        settings = self._settings
+        return len(self._engines) == len(settings.models) and len(self._scorers) == len(settings.scorers)
 
     @property
     def engines(self) -> dict[str, Engine]:
@@ -47,23 +135,49 @@ class ModelRegistry:
     def get(self, name: str) -> Engine:
         if name in self._engines:
             return self._engines[name]
-        if not any(config.name == name for config in self._configs):
+        if not any(config.name == name for config in self._settings.models):
             raise ModelNotFoundError(name)
+        raise self._unavailable(name)
+
+    def scorer(self, name: str, *, param: str) -> Scorer:
+        if name in self._scorers:
+            return self._scorers[name]
+        if not any(config.name == name for config in self._settings.scorers):
+            raise InvalidRequestError(f"`{name}` is not a configured reward scorer.", param=param)
+        raise self._unavailable(name)
+
+    def _unavailable(self, name: str) -> EngineUnavailableError:
         if self.load_error is not None:
-            raise EngineUnavailableError(f"Models failed to load: {self.load_error}")
-        raise EngineUnavailableError(f"The model `{name}` is still loading; retry shortly.")
+            return EngineUnavailableError(f"Models failed to load: {self.load_error}")
+        return EngineUnavailableError(f"`{name}` is still loading; retry shortly.")
 
     async def load(self) -> None:
-        for config in self._configs:
-            try:
-                self._engines[config.name] = await asyncio.to_thread(build_engine, config, self._limits)
-            except Exception as exc:
-                self.load_error = f"{config.name}: {exc}"
-                logger.exception("model failed to load", extra={"model": config.name})
-                return
-            logger.info("model loaded", extra={"model": config.name, "path": str(config.path)})
+        """Loads every model and scorer concurrently (managed workers start in parallel)."""
+        settings = self._settings
+        await asyncio.gather(
+            *(self._load(c.name, build_engine(c, settings), self._engines) for c in settings.models),
+            *(self._load(c.name, build_scorer(c, settings), self._scorers) for c in settings.scorers),
+        )
+
+    async def _load(self, name: str, build: Awaitable[T], into: dict[str, T]) -> None:
+        try:
+            into[name] = await build
+        except Exception as exc:
+            self.load_error = f"{name}: {exc}"
+            logger.exception("model failed to load", extra={"model": name})
+            return
+        logger.info("model loaded", extra={"model": name})
+
+    def describe(self) -> dict[str, Any]:
+        """Per model and scorer: its replicas, where it runs on vLLM workers."""
+        entries: dict[str, Any] = {}
+        for name, entry in [*self._engines.items(), *self._scorers.items()]:
+            service = getattr(entry, "service", None)
+            entries[name] = {"replicas": service.describe()} if isinstance(service, VLLMService) else {}
+        return entries
 
     async def close(self) -> None:
-        for engine in self._engines.values():
-            await engine.close()
+        entries: list[Engine | Scorer] = [*self._engines.values(), *self._scorers.values()]
         self._engines.clear()
+        self._scorers.clear()
+        await asyncio.gather(*(entry.close() for entry in entries), return_exceptions=True)

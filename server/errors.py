@@ -32,6 +32,17 @@ class RouteError(AligndError):
         self.code = "not_found" if status_code == 404 else "method_not_allowed" if status_code == 405 else None
 
 
+class ClientDisconnectedError(AligndError):
+    """The client went away before the response; its work was cancelled (nginx's 499)."""
+
+    status_code = 499
+    error_type = "client_disconnected"
+    code = "client_disconnected"
+
+    def __init__(self) -> None:
+        super().__init__("The client closed the connection before the response was ready.")
+
+
 class InternalServerError(AligndError):
     """Anything unexpected; details go to the log, not to the client."""
 

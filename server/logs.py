@@ -36,5 +36,7 @@ def logging_config(level: str) -> dict[str, Any]:
             "": {"handlers": ["stderr"], "level": level.upper()},
             # Our middleware logs one line per request; uvicorn's access log would repeat it.
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+            # One line per upstream call would drown the request lines; failures are logged by alignd.
+            "httpx": {"level": "WARNING"},
         },
     }

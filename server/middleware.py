@@ -8,6 +8,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from models.replicas import request_affinity
 from server.logs import request_id
 from server.metrics import Metrics
 
@@ -32,6 +33,8 @@ class RequestContextMiddleware:
         headers = dict(scope["headers"])
         rid = headers.get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")[:128] or uuid.uuid4().hex
         token = request_id.set(rid)
+        # Every engine call this request makes goes to the same replica of a model.
+        affinity_token = request_affinity.set(rid)
         state = scope.setdefault("state", {})
         route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
         started = time.perf_counter()
@@ -50,6 +53,7 @@ class RequestContextMiddleware:
         finally:
             self.metrics.in_flight.labels(route=route).dec()
             self._record(route, state, status, time.perf_counter() - started, scope)
+            request_affinity.reset(affinity_token)
             request_id.reset(token)
 
     def _record(self, route: str, state: dict, status: int, seconds: float, scope: Scope) -> None:

@@ -47,7 +47,7 @@ class _GenerationRequest(OpenAIModel):
     logit_bias: dict[str, float] | None = None
     n: int = Field(default=1, ge=1)
     presence_penalty: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from models.errors import EngineUnavailableError
+from server.disconnect import cancel_on_disconnect
 from server.engines import ModelRegistry
 from server.errors import error_payload
 from server.metrics import Metrics
@@ -55,12 +56,12 @@ async def list_models(registry: RegistryDep) -> ModelList:
 
 @openai_router.post("/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request, handler: CompletionHandlerDep) -> Any:
-    return await handler.create(body, request)
+    return await cancel_on_disconnect(request, handler.create(body, request))
 
 
 @openai_router.post("/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, handler: ChatHandlerDep) -> Any:
-    return await handler.create(body, request)
+    return await cancel_on_disconnect(request, handler.create(body, request))
 
 
 @ops_router.get("/health")
@@ -73,7 +74,7 @@ async def health() -> dict[str, str]:
 async def ready(registry: RegistryDep) -> JSONResponse:
     """Readiness: every configured model is loaded."""
     if registry.ready:
-        return JSONResponse({"status": "ready", "models": sorted(registry.engines)})
+        return JSONResponse({"status": "ready", "models": registry.describe()})
     reason = registry.load_error or "models are still loading"
     return JSONResponse(error_payload(EngineUnavailableError(reason)), status_code=503)
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.utils import RemoteAligndServer
+from server.testing import RemoteAligndServer
 
 CONFIG = """\
 model_root: {root}

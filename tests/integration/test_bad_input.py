@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.utils import RemoteAligndServer
+from server.testing import RemoteAligndServer
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -43,6 +43,8 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None, str]] = [
     ("chat-max-tokens-beyond-context", "chat/completions",
      {"model": "tiny-chat-short", "messages": USER, "max_completion_tokens": 60}, 400, "max_completion_tokens",
      "context_length_exceeded"),
+    ("seed-beyond-int64", "completions", {"model": "tiny-base", "prompt": "x", "seed": 2**64}, 400, "seed",
+     "invalid_request"),
     ("n-too-large", "completions", {"model": "tiny-base", "prompt": "x", "n": 5}, 400, "n", "invalid_request"),
     ("n-zero", "chat/completions", {"model": "tiny-chat", "messages": USER, "n": 0}, 400, "n", "invalid_request"),
     ("logprobs-too-many", "completions", {"model": "tiny-base", "prompt": "x", "logprobs": 6}, 400, "logprobs",

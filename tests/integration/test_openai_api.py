@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.utils import RemoteAligndServer
+from server.testing import RemoteAligndServer
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 

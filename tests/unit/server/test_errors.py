@@ -7,7 +7,7 @@ from starlette.exceptions import HTTPException
 
 import models.errors
 from models.errors import AligndError, ModelNotFoundError
-from server.errors import InternalServerError, RouteError, as_aligned_error, error_payload
+from server.errors import ClientDisconnectedError, InternalServerError, RouteError, as_aligned_error, error_payload
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
 
@@ -25,7 +25,7 @@ def instance(cls: type[AligndError]) -> AligndError:
         return cls("some-model")
     if cls is RouteError:
         return cls("Not Found", 404)
-    if cls is InternalServerError:
+    if cls in (InternalServerError, ClientDisconnectedError):
         return cls()
     return cls("something went wrong", param="field")
 

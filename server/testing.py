@@ -1,23 +1,24 @@
-"""A live gateway in a subprocess, for tests that go through HTTP."""
+"""A live gateway in a subprocess, for tests and benchmarks that go through HTTP.
+
+The ``client`` helpers need the ``openai`` package (the ``dev`` extra).
+"""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import httpx
-import openai
 
+from models.workers import free_port
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+if TYPE_CHECKING:
+    import openai
 
 
 class RemoteAligndServer:
@@ -55,9 +56,13 @@ class RemoteAligndServer:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def client(self) -> openai.OpenAI:
+        import openai
+
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
     def async_client(self) -> openai.AsyncOpenAI:
+        import openai
+
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
 
     def stop(self) -> None:

@@ -1,0 +1,166 @@
+"""Replicas of one model: health, load, per-request affinity, failover.
+
+Every engine call of one client request goes to the same replica (so vLLM's
+prefix cache is hit): the server sets ``request_affinity`` for the request
+and the first call binds that key to the least-loaded healthy replica.
+Calls without a key go to the least-loaded healthy replica. A background
+task checks ``/health`` of every replica; a replica that fails a check or
+a connection is taken out until a check succeeds again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TypeVar
+
+import httpx
+
+from models.errors import EngineUnavailableError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+request_affinity: ContextVar[str | None] = ContextVar("request_affinity", default=None)
+"""The key whose engine calls share a replica; the server sets it to the request id."""
+
+_MAX_BINDINGS = 10_000
+
+
+class ReplicaUnreachableError(Exception):
+    """A replica could not be reached or died mid-call (connection refused, reset, timed out)."""
+
+
+@dataclass(slots=True, eq=False)
+class Replica:
+    url: str
+    healthy: bool = False
+    in_flight: int = 0
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+
+class ReplicaSet:
+    """The replicas serving one model, and the choice of one for each call.
+
+    Args:
+        name: the model name, for messages.
+        urls: base URLs of the replicas (``http://host:port``).
+        client: the HTTP client used for health checks.
+    """
+
+    def __init__(self, name: str, urls: list[str], client: httpx.AsyncClient) -> None:
+        if not urls:
+            raise ValueError(f"`{name}` needs at least one replica URL")
+        self.name = name
+        self.replicas = [Replica(url) for url in urls]
+        self._client = client
+        self._bindings: OrderedDict[str, Replica] = OrderedDict()
+
+    def pick(self, key: str | None = None, *, exclude: Replica | None = None) -> Replica:
+        """The replica for a call with affinity ``key`` (None: the least-loaded healthy one)."""
+        bound = self._bindings.get(key) if key is not None else None
+        if bound is not None and bound.healthy and bound is not exclude:
+            self._bindings.move_to_end(key)  # type: ignore[arg-type]
+            return bound
+        candidates = [replica for replica in self.replicas if replica.healthy and replica is not exclude]
+        if not candidates:
+            raise EngineUnavailableError(f"No healthy replica of `{self.name}` is available; retry shortly.")
+        chosen = min(candidates, key=lambda replica: replica.in_flight)
+        if key is not None:
+            self._bind(key, chosen)
+        return chosen
+
+    async def call(self, operation: Callable[[Replica], Awaitable[T]], *, idempotent: bool = True) -> T:
+        """Runs ``operation`` on the chosen replica; an idempotent call that cannot reach it is
+        retried once on another replica."""
+        key = request_affinity.get()
+        replica = self.pick(key)
+        for attempt in range(2):
+            try:
+                with replica.busy():
+                    return await operation(replica)
+            except ReplicaUnreachableError as exc:
+                replica = self._after_failure(key, replica, exc, retry=idempotent and attempt == 0)
+        raise AssertionError("unreachable: the second failure raises")
+
+    async def stream(self, operation: Callable[[Replica], AsyncIterator[T]]) -> AsyncGenerator[T, None]:
+        """Streams ``operation`` from the chosen replica; retried once on another replica only if
+        the first failed before it produced anything."""
+        key = request_affinity.get()
+        replica = self.pick(key)
+        for attempt in range(2):
+            produced = False
+            try:
+                with replica.busy():
+                    async with aclosing(operation(replica)) as items:  # type: ignore[type-var]
+                        async for item in items:
+                            produced = True
+                            yield item
+                return
+            except ReplicaUnreachableError as exc:
+                replica = self._after_failure(key, replica, exc, retry=not produced and attempt == 0)
+
+    def _after_failure(self, key: str | None, replica: Replica, exc: Exception, *, retry: bool) -> Replica:
+        self.mark_down(replica, exc)
+        if not retry:
+            raise EngineUnavailableError(f"A replica of `{self.name}` failed while serving this request.") from exc
+        return self.pick(key, exclude=replica)
+
+    def mark_down(self, replica: Replica, reason: object) -> None:
+        if replica.healthy:
+            logger.warning("replica down", extra={"model": self.name, "url": replica.url, "reason": str(reason)})
+        replica.healthy = False
+
+    async def check(self, timeout: float) -> None:
+        """One round of health checks over every replica."""
+        await asyncio.gather(*(self._check_one(replica, timeout) for replica in self.replicas))
+
+    async def watch(self, interval: float, timeout: float) -> None:
+        """Health checks forever, every ``interval`` seconds (run as a background task)."""
+        while True:
+            await self.check(timeout)
+            await asyncio.sleep(interval)
+
+    async def _check_one(self, replica: Replica, timeout: float) -> None:
+        try:
+            response = await self._client.get(f"{replica.url}/health", timeout=timeout)
+            problem = None if response.status_code == 200 else f"/health answered {response.status_code}"
+        except httpx.HTTPError as exc:
+            problem = repr(exc)
+        if problem is not None:
+            self.mark_down(replica, problem)
+        elif not replica.healthy:
+            logger.info("replica up", extra={"model": self.name, "url": replica.url})
+            replica.healthy = True
+
+    def _bind(self, key: str, replica: Replica) -> None:
+        self._bindings[key] = replica
+        self._bindings.move_to_end(key)
+        while len(self._bindings) > _MAX_BINDINGS:
+            self._bindings.popitem(last=False)
+
+    def describe(self) -> list[dict[str, object]]:
+        return [{"url": r.url, "healthy": r.healthy, "in_flight": r.in_flight} for r in self.replicas]
+
+
+@contextmanager
+def affinity(key: str | None) -> Iterator[None]:
+    """Engine calls made inside share a replica per model."""
+    token = request_affinity.set(key)
+    try:
+        yield
+    finally:
+        request_affinity.reset(token)

@@ -1,0 +1,183 @@
+"""Managed vLLM workers: launched, health-checked at start, restarted with backoff, stopped.
+
+Each worker is a vLLM OpenAI-compatible server in its own process group (vLLM
+runs its engine core in a child process; stopping the group stops both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COMMAND = (sys.executable, "-m", "vllm.entrypoints.openai.api_server")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What to launch for one model; ``args`` are vLLM command-line arguments."""
+
+    name: str
+    model_path: Path
+    served_name: str
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    command: tuple[str, ...] = DEFAULT_COMMAND
+
+
+@dataclass(frozen=True, slots=True)
+class Supervision:
+    startup_timeout_s: float = 600.0
+    restart_backoff_s: float = 1.0
+    max_restart_backoff_s: float = 60.0
+    health_timeout_s: float = 3.0
+
+
+class WorkerStartError(RuntimeError):
+    """A managed worker exited or stayed unhealthy while starting."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ManagedWorker:
+    """One vLLM server process on a loopback port, kept running until ``stop``.
+
+    Args:
+        spec: what to launch.
+        index: the replica number, for the log file name.
+        log_dir: where the worker's output goes (``{name}-{index}.log``).
+        client: the HTTP client for health checks.
+        supervision: timeouts and restart backoff.
+    """
+
+    def __init__(
+        self, spec: WorkerSpec, index: int, log_dir: Path, client: httpx.AsyncClient, supervision: Supervision
+    ) -> None:
+        self.spec = spec
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"{spec.name}-{index}.log"
+        self.restarts = 0
+        self._client = client
+        self._supervision = supervision
+        self._process: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process and self._process.returncode is None else None
+
+    def command(self) -> list[str]:
+        return [
+            *self.spec.command,
+            "--model", str(self.spec.model_path),
+            "--served-model-name", self.spec.served_name,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            *self.spec.args,
+        ]  # fmt: skip
+
+    async def start(self) -> None:
+        """Launches the worker and waits until it is healthy; then keeps it running."""
+        await self._spawn()
+        await self._wait_healthy()
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"supervise-{self.spec.name}")
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            _signal_group(process.pid, signal.SIGKILL)
+            await process.wait()
+
+    async def _spawn(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                *self.command(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, **self.spec.env},
+                start_new_session=True,
+            )
+        logger.info("worker started", extra={"model": self.spec.name, "pid": self._process.pid, "url": self.url})
+
+    async def _wait_healthy(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + self._supervision.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._process.returncode is not None:
+                raise WorkerStartError(
+                    f"worker for `{self.spec.name}` exited with {self._process.returncode} while starting; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                response = await self._client.get(f"{self.url}/health", timeout=self._supervision.health_timeout_s)
+                if response.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.5)
+        raise WorkerStartError(
+            f"worker for `{self.spec.name}` was not healthy within {self._supervision.startup_timeout_s:.0f} s; "
+            f"log {self.log_path}:\n{self.log_tail()}"
+        )
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while not self._stopping:
+            assert self._process is not None
+            code = await self._process.wait()
+            if self._stopping:
+                return
+            delay = min(self._supervision.max_restart_backoff_s, self._supervision.restart_backoff_s * 2**failures)
+            logger.warning(
+                "worker exited; restarting",
+                extra={"model": self.spec.name, "code": code, "delay_s": delay, "log": str(self.log_path)},
+            )
+            await asyncio.sleep(delay)
+            self.restarts += 1
+            await self._spawn()
+            try:
+                await self._wait_healthy()
+                failures = 0
+            except WorkerStartError as exc:
+                failures += 1
+                logger.error("worker restart failed", extra={"model": self.spec.name, "error": str(exc)[:500]})
+                if self._process.returncode is None:
+                    _signal_group(self._process.pid, signal.SIGKILL)
+
+    def log_tail(self, characters: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-characters:]
+        except OSError:
+            return ""
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)

