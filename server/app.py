@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from decoding.guidelines import GuidelineRetriever
+from decoding.pipeline import Limits, Pipeline
 from server.config import Settings
 from server.engines import ModelRegistry
 from server.errors import install_error_handlers
@@ -38,8 +40,15 @@ def build_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
-    app.state.completion_handler = CompletionHandler(registry, settings.limits, metrics)
-    app.state.chat_handler = ChatCompletionHandler(registry, settings.limits, metrics)
+    limits = settings.limits
+    pipeline = Pipeline(
+        registry,
+        GuidelineRetriever(registry.libraries),
+        Limits(default_max_tokens=limits.default_max_tokens, max_best_of_n=limits.max_best_of_n),
+    )
+    handler_args = (registry, pipeline, settings.profiles, limits, metrics)
+    app.state.completion_handler = CompletionHandler(*handler_args)
+    app.state.chat_handler = ChatCompletionHandler(*handler_args)
     app.include_router(openai_router)
     app.include_router(ops_router)
     install_error_handlers(app)

@@ -36,7 +36,7 @@ def _serve(config: Path | None, *, host: str | None, port: int | None) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from server.config import Settings
+    from server.config import ModelConfig, ScorerConfig, Settings
     from server.logs import logging_config
 
     try:
@@ -53,7 +53,8 @@ def _serve(config: Path | None, *, host: str | None, port: int | None) -> int:
 
         logger.info("preparing tiny models", extra={"path": str(settings.model_root)})
         ensure_tiny_models(settings.model_root)
-    missing = [f"{model.name}: {model.path}" for model in settings.models if not model.path.is_dir()]
+    entries: list[ModelConfig | ScorerConfig] = [*settings.models, *settings.scorers]
+    missing = [f"{e.name}: {e.path}" for e in entries if e.path is not None and not e.path.exists()]
     if missing:
         print("alignd: model directories not found:\n  " + "\n  ".join(missing), file=sys.stderr)
         return 2

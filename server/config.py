@@ -14,6 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from decoding.alignment import parse_alignment
+from models.errors import InvalidRequestError
+
 EMBEDDED_CONFIG = "embedded.yaml"
 
 
@@ -110,12 +113,46 @@ class WorkersConfig(BaseModel):
     log_dir: Path | None = Field(default=None, description="Managed: worker logs (default: a temporary directory).")
 
 
+class LibraryConfig(BaseModel):
+    """A guideline library (JSONL; see decoding/guidelines.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    path: Path | None = Field(default=None, description="The JSONL file (default: the library shipped with alignd).")
+    fallback: list[str] = Field(default_factory=list, description="Guideline ids injected when nothing matches.")
+
+
+class GuidelinesConfig(BaseModel):
+    """Guideline retrieval: the embedder and the libraries requests choose from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedder: Path | None = Field(default=None, description="A sentence-transformers model (default: MiniLM-L6).")
+    device: str = "cpu"
+    cache_dir: Path | None = Field(
+        default=Path("~/.cache/alignd/embeddings"), description="Library embeddings are kept here between starts."
+    )
+    libraries: list[LibraryConfig] = Field(default_factory=lambda: [LibraryConfig(name="default")])
+
+
+class ProfileConfig(BaseModel):
+    """A model alias bound to an alignment object: clients that only set `model` get the pipeline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    model: str = Field(min_length=1, description="The served model the profile runs on.")
+    alignment: dict[str, Any] = Field(default_factory=dict)
+
+
 class LimitsConfig(BaseModel):
     """Bounds on what one request may ask for."""
 
     model_config = ConfigDict(extra="forbid")
 
     max_n: int = Field(default=8, ge=1)
+    max_best_of_n: int = Field(default=16, ge=1, description="Largest `alignment.best_of_n.n`.")
     max_logprobs: int = Field(default=20, ge=0)
     default_max_tokens: int = Field(default=256, ge=1, description="Chat `max_tokens` when the client sets none.")
 
@@ -132,6 +169,8 @@ class Settings(BaseSettings):
     tiny_models: bool = Field(default=False, description="Build the tiny offline models into `model_root` if missing.")
     models: list[ModelConfig] = Field(min_length=1)
     scorers: list[ScorerConfig] = Field(default_factory=list)
+    guidelines: GuidelinesConfig = GuidelinesConfig()
+    profiles: list[ProfileConfig] = Field(default_factory=list)
     limits: LimitsConfig = LimitsConfig()
     workers: WorkersConfig = WorkersConfig()
 
@@ -150,14 +189,24 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _resolve_paths(self) -> Self:
         self.model_root = self.model_root.expanduser()
+        if self.guidelines.cache_dir is not None:
+            self.guidelines.cache_dir = self.guidelines.cache_dir.expanduser()
         entries: list[ModelConfig | ScorerConfig] = [*self.models, *self.scorers]
         for entry in entries:
             if entry.path is not None:
                 entry.path = self.model_root / entry.path.expanduser()
-        names = [entry.name for entry in entries]
+        names = [entry.name for entry in [*entries, *self.profiles]]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
-            raise ValueError(f"model and scorer names must be unique; repeated: {', '.join(duplicates)}")
+            raise ValueError(f"model, scorer and profile names must be unique; repeated: {', '.join(duplicates)}")
+        models = {model.name for model in self.models}
+        for profile in self.profiles:
+            if profile.model not in models:
+                raise ValueError(f"profile `{profile.name}` runs on `{profile.model}`, which is not a served model")
+            try:
+                parse_alignment(profile.alignment)
+            except InvalidRequestError as exc:
+                raise ValueError(f"profile `{profile.name}`: {exc.message}") from exc
         return self
 
     @classmethod

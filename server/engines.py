@@ -8,12 +8,13 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from decoding.guidelines import DEFAULT_LIBRARY, GuidelineLibrary
 from models.engine import Engine
 from models.errors import EngineUnavailableError, InvalidRequestError, ModelNotFoundError
 from models.scorers import Scorer
 from models.vllm_service import VLLMService
 from models.workers import DEFAULT_COMMAND, Supervision, WorkerSpec
-from server.config import ModelConfig, ScorerConfig, Settings, VLLMConfig
+from server.config import GuidelinesConfig, ModelConfig, ScorerConfig, Settings, VLLMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -114,19 +115,43 @@ async def start_service(
     return await VLLMService.launch(spec, vllm.replicas, supervision=supervision, log_dir=workers.log_dir, **options)
 
 
+def build_libraries(config: GuidelinesConfig) -> dict[str, GuidelineLibrary]:
+    """Loads the embedder and indexes every library (blocking: call it off the event loop)."""
+    from models.embedder import SentenceEmbedder
+
+    if not config.libraries:
+        return {}
+    embedder = SentenceEmbedder(config.embedder, device=config.device, cache_dir=config.cache_dir)
+    return {
+        library.name: GuidelineLibrary.load(
+            library.name, library.path or DEFAULT_LIBRARY, embedder, fallback_ids=library.fallback
+        )
+        for library in config.libraries
+    }
+
+
 class ModelRegistry:
-    """Engines and scorers by name. ``/health`` is up while they load; ``/ready`` once they have."""
+    """Engines, scorers and guideline libraries by name; the pipeline's ``Resources``.
+
+    ``/health`` is up while they load; ``/ready`` once they have.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._engines: dict[str, Engine] = {}
         self._scorers: dict[str, Scorer] = {}
+        self.libraries: dict[str, GuidelineLibrary] = {}
+        self._libraries_loaded = False
         self.load_error: str | None = None
 
     @property
     def ready(self) -> bool:
         settings = self._settings
-        return len(self._engines) == len(settings.models) and len(self._scorers) == len(settings.scorers)
+        return (
+            len(self._engines) == len(settings.models)
+            and len(self._scorers) == len(settings.scorers)
+            and self._libraries_loaded
+        )
 
     @property
     def engines(self) -> dict[str, Engine]:
@@ -138,6 +163,12 @@ class ModelRegistry:
         if not any(config.name == name for config in self._settings.models):
             raise ModelNotFoundError(name)
         raise self._unavailable(name)
+
+    def engine(self, name: str, *, param: str) -> Engine:
+        """A model a method refers to (a nudger, a baseline): unknown names are the request's fault."""
+        if not any(config.name == name for config in self._settings.models):
+            raise InvalidRequestError(f"`{name}` is not a served model.", param=param)
+        return self.get(name)
 
     def scorer(self, name: str, *, param: str) -> Scorer:
         if name in self._scorers:
@@ -157,7 +188,18 @@ class ModelRegistry:
         await asyncio.gather(
             *(self._load(c.name, build_engine(c, settings), self._engines) for c in settings.models),
             *(self._load(c.name, build_scorer(c, settings), self._scorers) for c in settings.scorers),
+            self._load_libraries(),
         )
+
+    async def _load_libraries(self) -> None:
+        try:
+            self.libraries.update(await asyncio.to_thread(build_libraries, self._settings.guidelines))
+        except Exception as exc:
+            self.load_error = f"guideline libraries: {exc}"
+            logger.exception("guideline libraries failed to load")
+            return
+        self._libraries_loaded = True
+        logger.info("guideline libraries loaded", extra={"libraries": sorted(self.libraries)})
 
     async def _load(self, name: str, build: Awaitable[T], into: dict[str, T]) -> None:
         try:

@@ -54,6 +54,11 @@ class _GenerationRequest(OpenAIModel):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     user: str | None = None
+    # alignd's extension (OpenAI SDKs send it with `extra_body`); validated by the decoding pipeline.
+    alignment: dict[str, Any] | None = Field(
+        default=None,
+        description="Alignment methods for this request: guidelines, best_of_n, ...; see the README.",
+    )
 
     @field_validator("*", mode="after")
     @classmethod
@@ -76,11 +81,9 @@ class _GenerationRequest(OpenAIModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def sampling_params(
-        self, *, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
-    ) -> SamplingParams:
+    def sampling_params(self, *, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+        """Sampling as requested; the pipeline sets ``max_tokens`` once it knows the prompt's length."""
         return SamplingParams(
-            max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             n=self.n,
@@ -203,11 +206,17 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = []
 
 
+ALIGNMENT_DETAILS = Field(
+    default=None, exclude_if=lambda value: value is None, description="What each alignment method did (on request)."
+)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    alignment: dict[str, Any] | None = ALIGNMENT_DETAILS
 
 
 class CompletionResponse(BaseModel):
@@ -243,6 +252,7 @@ class ChatCompletionChoice(BaseModel):
     message: ChatMessageOut
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"]
+    alignment: dict[str, Any] | None = ALIGNMENT_DETAILS
 
 
 class ChatCompletionResponse(BaseModel):
@@ -270,6 +280,7 @@ class ChatChunkChoice(BaseModel):
     delta: DeltaMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    alignment: dict[str, Any] | None = ALIGNMENT_DETAILS
 
 
 class ChatCompletionChunk(BaseModel):
@@ -287,6 +298,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "alignd"
     max_model_len: int
+    root: str | None = Field(default=None, description="For a profile: the model it runs on.")
 
 
 class ModelList(BaseModel):

@@ -44,14 +44,16 @@ ops_router = APIRouter()
 
 
 @openai_router.get("/models")
-async def list_models(registry: RegistryDep) -> ModelList:
+async def list_models(request: Request, registry: RegistryDep) -> ModelList:
+    """Served models, then profiles (aliases that run a model with an alignment pipeline)."""
     created = now()
-    return ModelList(
-        data=[
-            ModelCard(id=name, created=created, max_model_len=engine.info.max_model_len)
-            for name, engine in registry.engines.items()
-        ]
-    )
+    engines = registry.engines
+    cards = [ModelCard(id=name, created=created, max_model_len=e.info.max_model_len) for name, e in engines.items()]
+    for profile in request.app.state.settings.profiles:
+        if profile.model in engines:
+            limit = engines[profile.model].info.max_model_len
+            cards.append(ModelCard(id=profile.name, created=created, max_model_len=limit, root=profile.model))
+    return ModelList(data=cards)
 
 
 @openai_router.post("/completions", response_model=None)

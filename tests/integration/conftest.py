@@ -13,18 +13,32 @@ models:
   - {{name: tiny-chat, path: chat, workers: 2}}
   - {{name: tiny-base-short, path: base, max_model_len: 64}}
   - {{name: tiny-chat-short, path: chat, max_model_len: 64}}
+scorers:
+  - {{name: rm, backend: hf, path: reward}}
+  - {{name: is-json, backend: rule, rule: {{kind: json}}}}
+guidelines:
+  cache_dir: {embeddings}
+profiles:
+  - name: tiny-chat-safe
+    model: tiny-chat
+    alignment:
+      guidelines: {{top_k: 2, threshold: 0.0}}
+      best_of_n: {{n: 4, reward: rm}}
 limits:
   max_n: 4
   max_logprobs: 5
   default_max_tokens: 32
+  max_best_of_n: 8
 """
 
 
 @pytest.fixture(scope="session")
-def server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteAligndServer]:
+def server(
+    tiny_models: Path, embeddings_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RemoteAligndServer]:
     directory = tmp_path_factory.mktemp("gateway")
     config = directory / "alignd.yaml"
-    config.write_text(CONFIG.format(root=tiny_models))
+    config.write_text(CONFIG.format(root=tiny_models, embeddings=embeddings_cache))
     with RemoteAligndServer(config, directory / "alignd.log") as live:
         yield live
 

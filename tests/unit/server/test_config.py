@@ -31,6 +31,12 @@ def test_embedded_default_serves_the_tiny_models():
     assert settings.tiny_models
     assert [model.name for model in settings.models] == ["tiny-base", "tiny-chat", "tiny-chat-shared"]
     assert all(model.path.parent == settings.model_root for model in settings.models)
+    assert {scorer.name for scorer in settings.scorers} == {"rm", "is-json"}
+    assert {profile.name for profile in settings.profiles} == {
+        "tiny-chat-guided",
+        "tiny-base-best-of-4",
+        "tiny-chat-safe",
+    }
 
 
 @pytest.mark.parametrize(
@@ -40,6 +46,9 @@ def test_embedded_default_serves_the_tiny_models():
         "models:\n  - {name: a, path: /m}\n  - {name: a, path: /n}\n",
         "models:\n  - {name: a, path: /m, colour: red}\n",
         "models:\n  - {name: a, path: /m}\nlimits: {max_n: 0}\n",
+        "models:\n  - {name: a, path: /m}\nprofiles:\n  - {name: p, model: b}\n",
+        "models:\n  - {name: a, path: /m}\nprofiles:\n  - {name: p, model: a, alignment: {best_of_n: {n: 0}}}\n",
+        "models:\n  - {name: a, path: /m}\nprofiles:\n  - {name: a, model: a}\n",
     ],
 )
 def test_invalid_files_are_rejected(tmp_path: Path, text: str):
