@@ -31,6 +31,17 @@ if TYPE_CHECKING:
     from decoding.pipeline import AlignedRequest
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Server bounds on what one request may ask of the methods."""
+
+    default_max_tokens: int = 256
+    max_best_of_n: int = 16
+    max_nudging_rounds: int = 150
+    max_transfer_q_work: int = 20_000
+    """Transfer-Q*: top_k x rollouts x (rollout_tokens + 1) x decision steps."""
+
+
 class MethodParams(BaseModel):
     """Base of every method's parameters: unknown fields are errors."""
 

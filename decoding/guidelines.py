@@ -171,11 +171,15 @@ def inject(prompt: PromptInput, guidelines: Sequence[Guideline]) -> PromptInput:
         else:
             messages.insert(0, {"role": "system", "content": block})
         return PromptInput(messages=messages)
+    return PromptInput(text=f"{block}\n\n{_text_of(prompt)}")
+
+
+def _text_of(prompt: PromptInput) -> str:
     if prompt.text is None:
         raise InvalidRequestError(
             "Guidelines need a text prompt; token-id prompts cannot be rewritten.", param="alignment.guidelines"
         )
-    return PromptInput(text=f"{block}\n\n{prompt.text}")
+    return prompt.text
 
 
 class GuidelineRetriever:
@@ -195,7 +199,8 @@ class GuidelineRetriever:
 
     def apply(self, prompt: PromptInput, params: GuidelinesParams) -> tuple[PromptInput, GuidelinesDetails]:
         library = self.library(params.library)
-        retrieval = library.retrieve(prompt.query, params)
+        query = prompt.query if prompt.messages is not None else _text_of(prompt)
+        retrieval = library.retrieve(query, params)
         chosen = [g for g, _ in retrieval.guidelines]
         details = GuidelinesDetails(
             library=library.name,

@@ -24,6 +24,7 @@ from decoding import best_of_n
 from decoding.alignment import Alignment
 from decoding.base import (
     Candidate,
+    Limits,
     MeteredEngine,
     MeteredResources,
     Prepared,
@@ -37,12 +38,6 @@ from decoding.plain import PlainStrategy
 from decoding.registry import METHODS
 from models.engine import Engine, SampleDelta, SamplingParams
 from models.errors import ContextLengthExceededError, InvalidRequestError
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    default_max_tokens: int = 256
-    max_best_of_n: int = 16
 
 
 @dataclass(slots=True)

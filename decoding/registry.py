@@ -9,6 +9,7 @@ from typing import Any, Literal
 from decoding.base import MethodParams, Resources, Strategy
 from decoding.best_of_n import BestOfNParams
 from decoding.guidelines import GuidelinesParams
+from decoding.nudging import NudgingParams, NudgingStrategy
 
 Stage = Literal["prompt", "strategy", "selection"]
 StrategyFactory = Callable[[Any, Resources, Any], Strategy]
@@ -25,4 +26,5 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "guidelines": MethodSpec("prompt", GuidelinesParams),
     "best_of_n": MethodSpec("selection", BestOfNParams),
+    "nudging": MethodSpec("strategy", NudgingParams, NudgingStrategy),
 }

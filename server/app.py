@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from decoding.base import Limits
 from decoding.guidelines import GuidelineRetriever
-from decoding.pipeline import Limits, Pipeline
+from decoding.pipeline import Pipeline
 from server.config import Settings
 from server.engines import ModelRegistry
 from server.errors import install_error_handlers
@@ -44,7 +45,12 @@ def build_app(settings: Settings) -> FastAPI:
     pipeline = Pipeline(
         registry,
         GuidelineRetriever(registry.libraries),
-        Limits(default_max_tokens=limits.default_max_tokens, max_best_of_n=limits.max_best_of_n),
+        Limits(
+            default_max_tokens=limits.default_max_tokens,
+            max_best_of_n=limits.max_best_of_n,
+            max_nudging_rounds=limits.max_nudging_rounds,
+            max_transfer_q_work=limits.max_transfer_q_work,
+        ),
     )
     handler_args = (registry, pipeline, settings.profiles, limits, metrics)
     app.state.completion_handler = CompletionHandler(*handler_args)

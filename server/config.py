@@ -153,6 +153,10 @@ class LimitsConfig(BaseModel):
 
     max_n: int = Field(default=8, ge=1)
     max_best_of_n: int = Field(default=16, ge=1, description="Largest `alignment.best_of_n.n`.")
+    max_nudging_rounds: int = Field(default=150, ge=1, description="Largest `alignment.nudging.max_rounds`.")
+    max_transfer_q_work: int = Field(
+        default=20_000, ge=1, description="Transfer-Q*: top_k x rollouts x (rollout_tokens + 1) x decision steps."
+    )
     max_logprobs: int = Field(default=20, ge=0)
     default_max_tokens: int = Field(default=256, ge=1, description="Chat `max_tokens` when the client sets none.")
 

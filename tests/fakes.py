@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import AsyncGenerator, Mapping, Sequence
 
-from models.engine import Completion, EngineInfo, Prompt, Sample, SampleDelta, SamplingParams
-from models.errors import InvalidRequestError, ModelNotFoundError
+from models.engine import (
+    Completion,
+    EngineInfo,
+    Prompt,
+    Sample,
+    SampleDelta,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+)
+from models.errors import InvalidRequestError
 from models.scorers import Scorer
 
 
@@ -76,10 +86,102 @@ class FakeResources:
 
     def engine(self, name: str, *, param: str):  # type: ignore[no-untyped-def]
         if name not in self.engines:
-            raise ModelNotFoundError(name)
+            raise InvalidRequestError(f"`{name}` is not a served model.", param=param)
         return self.engines[name]
 
     def scorer(self, name: str, *, param: str) -> Scorer:
         if name not in self.scorers:
             raise InvalidRequestError(f"`{name}` is not a configured reward scorer.", param=param)
         return self.scorers[name]
+
+
+EOS = "<eos>"
+
+
+class WordEngine:
+    """A word-level LM with exact next-word tables: ``table[last word][next word] = p``.
+
+    Text splits on whitespace into words (the tokens); generated words are
+    spelled with a leading space. ``default`` is the distribution after a word
+    the table does not list. Greedy at temperature 0, seeded sampling otherwise.
+    """
+
+    def __init__(
+        self,
+        table: Mapping[str, Mapping[str, float]],
+        *,
+        default: Mapping[str, float] | None = None,
+        name: str = "words",
+        chat_template: bool = True,
+    ) -> None:
+        self.table = {word: dict(row) for word, row in table.items()}
+        self.default = dict(default or {EOS: 1.0})
+        self.vocabulary: dict[str, int] = {EOS: 0}
+        self.generate_calls: list[tuple[list[int], SamplingParams]] = []
+        self._info = EngineInfo(name, 4096, 20, chat_template, f"words-{name}")
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def _id(self, word: str) -> int:
+        return self.vocabulary.setdefault(word, len(self.vocabulary))
+
+    def _word(self, token_id: int) -> str:
+        return next(word for word, i in self.vocabulary.items() if i == token_id)
+
+    def distribution(self, last: str) -> dict[str, float]:
+        return self.table.get(last, self.default)
+
+    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return [self._id(word) for word in text.split()]
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str:
+        return "".join(f" {self._word(t)}" for t in token_ids if t != 0)
+
+    async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        return "".join(f"[{m['role']}] {m['content']}\n" for m in messages) + "[assistant]\n"
+
+    def _record(self, last: str, word: str, k: int) -> TokenLogprob:
+        row = self.distribution(last)
+        ranked = sorted(row.items(), key=lambda item: -item[1])[: max(k, 1)]
+        top = tuple(TopLogprob(self._id(w), f" {w}", math.log(p)) for w, p in ranked)
+        return TokenLogprob(self._id(word), f" {word}", math.log(row.get(word, 1e-12)), top)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
+        ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self.generate_calls.append((ids, params))
+        rng = random.Random(params.seed)
+        samples = []
+        for index in range(params.n):
+            words, records, last, finish = [], [], self._word(ids[-1]) if ids else "", "length"
+            for _ in range(params.max_tokens):
+                row = self.distribution(last)
+                if params.temperature == 0:
+                    word = max(row, key=lambda w: row[w])
+                else:
+                    word = rng.choices(list(row), weights=list(row.values()))[0]
+                words.append(word)
+                records.append(self._record(last, word, params.logprobs or 1))
+                if word == EOS:
+                    finish = "stop"
+                    break
+                last = word
+            token_ids = [self._id(w) for w in words]
+            text = "".join(f" {w}" for w in words if w != EOS)
+            samples.append(Sample(index, text, token_ids, finish, records if params.logprobs is not None else None))
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:
+            words = [self._word(t) for t in ids]
+            prompt_logprobs = [None] + [
+                self._record(words[j - 1], words[j], params.prompt_logprobs) for j in range(1, len(words))
+            ]
+        return Completion(ids, samples, prompt_logprobs)
+
+    async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
+        completion = await self.generate(prompt, params)
+        for sample in completion.samples:
+            yield SampleDelta(sample.index, sample.text, sample.token_ids, sample.logprobs, sample.finish_reason)
+
+    async def close(self) -> None:
+        return None

@@ -10,10 +10,10 @@ import pytest
 from scipy.stats import chisquare
 
 from decoding.alignment import parse_alignment
-from decoding.base import PromptInput
+from decoding.base import Limits, PromptInput
 from decoding.best_of_n import BestOfNParams, canonical_answer, selection_order, soft_probabilities
 from decoding.guidelines import GuidelineRetriever
-from decoding.pipeline import AlignedRequest, Limits, Pipeline
+from decoding.pipeline import AlignedRequest, Pipeline
 from models.engine import SamplingParams
 from models.errors import InvalidRequestError
 from tests.fakes import CategoricalEngine, FakeResources, TableScorer

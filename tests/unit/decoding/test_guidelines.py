@@ -23,13 +23,14 @@ from decoding.guidelines import (
 from models.embedder import SentenceEmbedder
 from models.errors import InvalidRequestError
 
+# Paraphrases, not the library's own trigger inputs.
 QUERIES = [
-    "How can I hurt someone and not get caught?",
-    "I feel hopeless and want to end it all",
-    "write a python function that parses ISO dates",
-    "Find the home address of this journalist for me",
-    "Give me the answer as JSON only, no prose",
-    "What dose of ibuprofen should I take for a migraine?",
+    "What's a way to injure a person without anyone finding out?",
+    "Lately I feel like there is no point in living anymore",
+    "code a function in python that reads ISO 8601 timestamps",
+    "I need the street address where this reporter lives",
+    "Respond strictly in JSON format",
+    "how much advil is safe for a bad headache?",
 ]
 
 
@@ -58,13 +59,14 @@ def test_default_library_is_complete():
 @pytest.mark.parametrize("query", QUERIES)
 @pytest.mark.parametrize("mode", ["trigger", "text"])
 def test_retrieval_properties(library: GuidelineLibrary, query: str, mode: str):
-    params = GuidelinesParams(top_k=4, threshold=0.2, mode=mode)
+    threshold = 0.2 if mode == "trigger" else 0.0  # guideline texts are further from questions than triggers
+    params = GuidelinesParams(top_k=4, threshold=threshold, mode=mode)
     retrieval = library.retrieve(query, params)
     ids = [g.id for g, _ in retrieval.guidelines]
     scores = [s for _, s in retrieval.guidelines]
     assert not retrieval.fallback and 1 <= len(ids) <= 4  # at most k
     assert len(set(ids)) == len(ids)  # exactly once
-    assert scores == sorted(scores, reverse=True) and min(scores) >= 0.2  # rank order, above the threshold
+    assert scores == sorted(scores, reverse=True) and min(scores) >= threshold  # rank order, above the threshold
     by_id = {g.id: g for g in library.guidelines}
     assert all(by_id[g.id] == g for g, _ in retrieval.guidelines)  # from the library
     assert library.retrieve(query, params) == retrieval  # deterministic
@@ -84,10 +86,10 @@ def test_brute_force_cosine_agrees_with_the_index(library: GuidelineLibrary, emb
 
 
 def test_safety_queries_find_safety_guidelines(library: GuidelineLibrary):
-    found = library.retrieve("I feel hopeless and want to end it all", GuidelinesParams(top_k=3))
-    assert found.guidelines[0][0].category == "self-harm"
-    found = library.retrieve("write a python function that parses ISO dates", GuidelinesParams(top_k=3))
-    assert found.guidelines[0][0].category == "code"
+    expected = ["violence", "self-harm", "code", "privacy", "format", "medical"]
+    for query, category in zip(QUERIES, expected, strict=True):
+        found = library.retrieve(query, GuidelinesParams(top_k=3))
+        assert found.guidelines[0][0].category == category, (query, found.guidelines)
 
 
 def small_library(tmp_path: Path, embedder: SentenceEmbedder, fallback: list[str]) -> GuidelineLibrary:
