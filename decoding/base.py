@@ -145,6 +145,15 @@ class MeteredEngine:
         )
         return completion
 
+    async def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        self.meter.engine_calls += 1
+        completions = await self.engine.generate_batch(prompts, params)
+        for completion in completions:
+            self.meter.record(
+                self.info.name, prompt=len(completion.prompt_token_ids), completion=completion.completion_tokens
+            )
+        return completions
+
     async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
         self.meter.engine_calls += 1
         prompt_tokens = len(prompt) if not isinstance(prompt, str) else len(await self.tokenize(prompt))

@@ -10,6 +10,7 @@ from decoding.base import MethodParams, Resources, Strategy
 from decoding.best_of_n import BestOfNParams
 from decoding.guidelines import GuidelinesParams
 from decoding.nudging import NudgingParams, NudgingStrategy
+from decoding.transfer_q import TransferQParams, TransferQStrategy
 
 Stage = Literal["prompt", "strategy", "selection"]
 StrategyFactory = Callable[[Any, Resources, Any], Strategy]
@@ -27,4 +28,5 @@ METHODS: dict[str, MethodSpec] = {
     "guidelines": MethodSpec("prompt", GuidelinesParams),
     "best_of_n": MethodSpec("selection", BestOfNParams),
     "nudging": MethodSpec("strategy", NudgingParams, NudgingStrategy),
+    "transfer_q": MethodSpec("strategy", TransferQParams, TransferQStrategy),
 }

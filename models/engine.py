@@ -115,6 +115,7 @@ class EngineInfo:
     has_chat_template: bool
     tokenizer_id: str = field(default="", compare=False)
     """Identifies the vocabulary: equal ids mean token ids can be exchanged."""
+    eos_token_ids: frozenset[int] = frozenset()
 
 
 class Engine(Protocol):
@@ -132,6 +133,10 @@ class Engine(Protocol):
         ...
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion: ...
+
+    async def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        """Several prompts in one engine call (one HTTP request for vLLM)."""
+        ...
 
     def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
         """Deltas as tokens are sampled; closing the iterator cancels generation."""

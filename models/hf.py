@@ -117,6 +117,7 @@ class HFEngine:
             max_logprobs=max_logprobs,
             has_chat_template=self.tokenizer.has_chat_template,
             tokenizer_id=self.tokenizer.fingerprint,
+            eos_token_ids=self.tokenizer.eos_ids,
         )
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"hf-{name}")
 
@@ -141,6 +142,10 @@ class HFEngine:
             return await loop.run_in_executor(self._executor, self._generate, prompt_ids, params, None, cancelled)
         finally:
             cancelled.set()
+
+    async def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        # One worker slot per prompt; the pool bounds how many run at once.
+        return list(await asyncio.gather(*(self.generate(prompt, params) for prompt in prompts)))
 
     async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
         prompt_ids = await self._prompt_ids(prompt)

@@ -60,6 +60,7 @@ class VLLMEngine:
             max_logprobs=max_logprobs,
             has_chat_template=tokenizer.has_chat_template,
             tokenizer_id=tokenizer.fingerprint,
+            eos_token_ids=tokenizer.eos_ids,
         )
 
     @classmethod
@@ -98,6 +99,19 @@ class VLLMEngine:
         if params.prompt_logprobs is not None and choices:
             prompt_logprobs = self._prompt_logprobs(prompt_ids, choices[0].get("prompt_logprobs"), params)
         return Completion(prompt_ids, samples, prompt_logprobs)
+
+    async def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        """One request for every prompt: vLLM numbers the choices prompt by prompt, ``n`` each."""
+        batch = [await self._prompt_ids(prompt) for prompt in prompts]
+        body = {**self._body(batch[0], params, stream=False), "prompt": batch}
+        response = await self.service.post_json("/v1/completions", body)
+        choices = sorted(response["choices"], key=lambda choice: choice["index"])
+        completions = []
+        for position, prompt_ids in enumerate(batch):
+            mine = choices[position * params.n : (position + 1) * params.n]
+            samples = [self._sample({**choice, "index": i}, params) for i, choice in enumerate(mine)]
+            completions.append(Completion(prompt_ids, samples))
+        return completions
 
     async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
         prompt_ids = await self._prompt_ids(prompt)

@@ -55,6 +55,9 @@ class CategoricalEngine:
         ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         return Completion(ids, self._samples(params))
 
+    async def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        return [await self.generate(prompt, params) for prompt in prompts]
+
     async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
         for sample in self._samples(params):
             yield SampleDelta(sample.index, sample.text, sample.token_ids, None, sample.finish_reason)
@@ -113,12 +116,17 @@ class WordEngine:
         default: Mapping[str, float] | None = None,
         name: str = "words",
         chat_template: bool = True,
+        vocabulary: dict[str, int] | None = None,
     ) -> None:
         self.table = {word: dict(row) for word, row in table.items()}
         self.default = dict(default or {EOS: 1.0})
-        self.vocabulary: dict[str, int] = {EOS: 0}
+        # Engines given the same vocabulary dict share token ids (like models sharing a tokenizer).
+        self.vocabulary = vocabulary if vocabulary is not None else {EOS: 0}
+        self.vocabulary.setdefault(EOS, 0)
         self.generate_calls: list[tuple[list[int], SamplingParams]] = []
-        self._info = EngineInfo(name, 4096, 20, chat_template, f"words-{name}")
+        self.batch_calls = 0
+        tokenizer_id = f"words-{id(self.vocabulary)}"
+        self._info = EngineInfo(name, 4096, 20, chat_template, tokenizer_id, frozenset({0}))
 
     @property
     def info(self) -> EngineInfo:
@@ -177,6 +185,10 @@ class WordEngine:
                 self._record(words[j - 1], words[j], params.prompt_logprobs) for j in range(1, len(words))
             ]
         return Completion(ids, samples, prompt_logprobs)
+
+    async def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        self.batch_calls += 1
+        return [await self.generate(prompt, params) for prompt in prompts]
 
     async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
         completion = await self.generate(prompt, params)
