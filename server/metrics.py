@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -32,10 +35,38 @@ class Metrics:
             ["model", "kind"], registry=self.registry,
         )  # fmt: skip
         self.in_flight = Gauge("alignd_requests_in_flight", "Requests being served.", ["route"], registry=self.registry)
+        self.methods = Counter(
+            "alignd_alignment_requests", "Requests that used an alignment method.", ["method"], registry=self.registry
+        )
+        self.engine_calls = Histogram(
+            "alignd_engine_calls_per_request", "Engine calls one request made, over every model it touched.",
+            ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=self.registry,
+        )  # fmt: skip
+        self.nudged_fraction = Histogram(
+            "alignd_nudged_token_fraction", "Nudging: the fraction of answer tokens the nudger wrote.",
+            ["model"], buckets=(0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0), registry=self.registry,
+        )  # fmt: skip
+        self.decision_steps = Counter(
+            "alignd_transfer_q_decision_steps", "Transfer-Q*: decision steps taken.", ["model"], registry=self.registry
+        )
 
     def count_tokens(self, model: str, *, prompt: int, completion: int) -> None:
         self.tokens.labels(model=model, kind="prompt").inc(prompt)
         self.tokens.labels(model=model, kind="completion").inc(completion)
+
+    def record_alignment(self, model: str, methods: Iterable[str], engine_calls: int, details: Iterable[Any]) -> None:
+        """Per request: the methods it used, its engine calls, and what each answer's methods reported."""
+        for method in methods:
+            self.methods.labels(method=method).inc()
+        if engine_calls:
+            self.engine_calls.labels(model=model).observe(engine_calls)
+        for record in details:
+            nudging = record.get("nudging")
+            if nudging is not None:
+                self.nudged_fraction.labels(model=model).observe(nudging.nudged_token_fraction)
+            transfer_q = record.get("transfer_q")
+            if transfer_q is not None:
+                self.decision_steps.labels(model=model).inc(transfer_q.decision_steps)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from decoding.alignment import parse_alignment
-from decoding.base import PromptInput, UsageMeter
+from decoding.base import Candidate, PromptInput
 from decoding.pipeline import AlignedRequest, Pipeline, Prepared
 from models.engine import Engine, SamplingParams
 from models.errors import InvalidRequestError
@@ -85,10 +85,14 @@ class OpenAIServing:
         if k is not None and k > limit:
             raise InvalidRequestError(f"`{param}` must be between 0 and {limit}, got {k}.", param=param)
 
-    def usage(self, meter: UsageMeter) -> Usage:
-        """The request's cost over every model it touched; also counted into the metrics."""
-        for model, usage in meter.by_model.items():
-            self.metrics.count_tokens(model, prompt=usage.prompt_tokens, completion=usage.completion_tokens)
+    def finish(self, model: str, prepared: Prepared, choices: Sequence[Candidate] = ()) -> Usage:
+        """The request's cost over every model it touched; it and what the methods did go into the metrics."""
+        meter = prepared.meter
+        for name, usage in meter.by_model.items():
+            self.metrics.count_tokens(name, prompt=usage.prompt_tokens, completion=usage.completion_tokens)
+        self.metrics.record_alignment(
+            model, prepared.request.alignment.methods, meter.engine_calls, (choice.details for choice in choices)
+        )
         return Usage.of(meter.prompt_tokens, meter.completion_tokens)
 
     def event_stream(self, request: Request, chunks: AsyncIterator[BaseModel]) -> EventSourceResponse:

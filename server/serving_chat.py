@@ -55,7 +55,7 @@ class ChatCompletionHandler(OpenAIServing):
             created=now(),
             model=request.model,
             choices=[self._choice(i, c, prepared) for i, c in enumerate(result.choices)],
-            usage=self.usage(result.meter),
+            usage=self.finish(request.model, prepared, result.choices),
         )
 
     @staticmethod
@@ -77,14 +77,16 @@ class ChatCompletionHandler(OpenAIServing):
         yield chunk(
             [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(request.n)]
         )
+        selected: list[Candidate] = []
         async with aclosing(self.pipeline.stream(prepared)) as items:
             async for item in items:
                 if isinstance(item, PipelineResult):
+                    selected = item.choices
                     for index, candidate in enumerate(item.choices):
                         yield chunk([self._final_chunk(index, candidate, prepared)])
                 elif item.text or item.finish_reason is not None or item.logprobs is not None:
                     yield chunk([self._delta_chunk(item)])
-        usage = self.usage(prepared.meter)
+        usage = self.finish(request.model, prepared, selected)
         if request.stream_options and request.stream_options.include_usage:
             yield ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=[], usage=usage)
 

@@ -50,7 +50,11 @@ class CompletionHandler(OpenAIServing):
         prompt_entries = await self._prompt_entries(prepared) if prepared.prompt_logprobs else []
         choices = [self._choice(i, c, prepared, prefix, prompt_entries) for i, c in enumerate(result.choices)]
         return CompletionResponse(
-            id=new_id("cmpl"), created=now(), model=request.model, choices=choices, usage=self.usage(result.meter)
+            id=new_id("cmpl"),
+            created=now(),
+            model=request.model,
+            choices=choices,
+            usage=self.finish(request.model, prepared, result.choices),
         )
 
     @staticmethod
@@ -82,14 +86,16 @@ class CompletionHandler(OpenAIServing):
         def chunk(choices: list[CompletionChoice]) -> CompletionResponse:
             return CompletionResponse(id=response_id, created=created, model=request.model, choices=choices)
 
+        selected: list[Candidate] = []
         async with aclosing(self.pipeline.stream(prepared)) as items:
             async for item in items:
                 if isinstance(item, PipelineResult):
+                    selected = item.choices
                     for index, candidate in enumerate(item.choices):
                         yield chunk([self._choice(index, candidate, prepared)])
                 elif item.text or item.finish_reason is not None or item.logprobs is not None:
                     yield chunk([self._delta_choice(item)])
-        usage = self.usage(prepared.meter)
+        usage = self.finish(request.model, prepared, selected)
         if request.stream_options and request.stream_options.include_usage:
             yield CompletionResponse(id=response_id, created=created, model=request.model, choices=[], usage=usage)
 

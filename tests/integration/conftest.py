@@ -11,6 +11,7 @@ model_root: {root}
 models:
   - {{name: tiny-base, path: base}}
   - {{name: tiny-chat, path: chat, workers: 2}}
+  - {{name: tiny-chat-shared, path: chat-shared}}
   - {{name: tiny-base-short, path: base, max_model_len: 64}}
   - {{name: tiny-chat-short, path: chat, max_model_len: 64}}
 scorers:

@@ -15,7 +15,14 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 def test_models_are_listed(client: openai.OpenAI):
     models = {model.id: model for model in client.models.list()}
-    assert set(models) == {"tiny-base", "tiny-chat", "tiny-base-short", "tiny-chat-short", "tiny-chat-safe"}
+    assert set(models) == {
+        "tiny-base",
+        "tiny-chat",
+        "tiny-chat-shared",
+        "tiny-base-short",
+        "tiny-chat-short",
+        "tiny-chat-safe",
+    }
     assert (models["tiny-chat-safe"].model_extra or {})["root"] == "tiny-chat"
 
 
