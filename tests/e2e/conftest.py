@@ -28,6 +28,8 @@ def gateway_config(root: Path, logs: Path, embeddings: Path) -> dict[str, Any]:
             # A worker stricter than the gateway (2 logprobs, the gateway allows 20): its 400s reach clients.
             {"name": "tiny-chat", "backend": "vllm", "path": "chat", "max_model_len": 1024,
              "vllm": {**CPU_WORKER, "args": ["--enforce-eager", "--max-logprobs", "2"]}},
+            {"name": "tiny-chat-shared", "backend": "vllm", "path": "chat-shared", "max_model_len": 1024,
+             "vllm": CPU_WORKER},
         ],
         "scorers": [
             {"name": "rm", "backend": "vllm", "path": "reward", "max_model_len": 1024, "vllm": CPU_WORKER},

@@ -1,0 +1,64 @@
+"""Nudging and Transfer-Q* on vLLM CPU workers: cross-tokenizer nudging, batched rollouts, replica affinity."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+
+from server.testing import RemoteAligndServer
+
+MESSAGES = [{"role": "user", "content": "How do I sort a list in Python?"}]
+
+
+def details(choice: Any) -> dict[str, Any]:
+    return (choice.model_extra or {}).get("alignment") or {}
+
+
+def served(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    name = "vllm:request_success_total{"
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def base_replicas(gateway: RemoteAligndServer) -> list[str]:
+    ready = httpx.get(f"{gateway.url}/ready", timeout=5).json()["models"]
+    return [replica["url"] for replica in ready["tiny-base"]["replicas"]]
+
+
+def test_cross_tokenizer_nudging_keeps_one_base_replica(vllm_gateway: RemoteAligndServer, client: openai.OpenAI):
+    urls = base_replicas(vllm_gateway)
+    before = [served(url) for url in urls]
+    chat = client.chat.completions.create(
+        model="tiny-base",
+        messages=MESSAGES,
+        max_tokens=24,
+        extra_body={"alignment": {"nudging": {"nudger": "tiny-chat", "gamma": 0.3}, "return_details": True}},
+    )
+    record = details(chat.choices[0])["nudging"]
+    assert record["spans"][0]["source"] == "tiny-chat"
+    assert "".join(span["text"] for span in record["spans"]) == chat.choices[0].message.content
+    calls = [served(url) - b for url, b in zip(urls, before, strict=True)]
+    assert sum(calls) >= 2 and min(calls) == 0  # every base call of the request went to one replica
+
+
+def test_transfer_q_with_batched_rollouts(vllm_gateway: RemoteAligndServer, client: openai.OpenAI):
+    completion = client.completions.create(
+        model="tiny-base",
+        prompt="def sort(items):",
+        max_tokens=3,
+        extra_body={
+            "alignment": {
+                "transfer_q": {"baseline": "tiny-chat-shared", "reward": "rm", "top_k": 4, "rollout_tokens": 5,
+                               "rollouts": 2},
+                "return_details": True,
+            }
+        },
+    )  # fmt: skip
+    record = details(completion.choices[0])["transfer_q"]
+    assert record["decision_steps"] >= 1
+    step = record["steps"][0]
+    assert len(step["candidates"]) == 4
+    scores = [c["logprob"] + c["q"] for c in step["candidates"]]
+    assert step["chosen"] == scores.index(max(scores))

@@ -1,0 +1,73 @@
+"""The docker-compose deployment, checked without a Docker engine."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+from compose_spec import PyCompose
+
+from server.config import Settings
+from server.metrics import Metrics
+
+DEPLOY = Path(__file__).parents[3] / "deploy"
+
+
+def compose() -> dict[str, Any]:
+    # PyYAML resolves anchors and merge keys (as docker compose does) before the strict parse.
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def test_compose_file_follows_the_compose_specification():
+    parsed = PyCompose.from_yaml(yaml.safe_dump(compose()))
+    assert set(parsed.service_names()) == {
+        "gateway", "base-worker", "chat-worker", "reward-worker", "prometheus", "grafana"
+    }  # fmt: skip
+
+
+def test_workers_share_one_definition_and_reserve_gpus():
+    services = compose()["services"]
+    for name in ("base-worker", "chat-worker", "reward-worker"):
+        worker = services[name]
+        assert worker["image"] == "alignd-worker:latest"
+        assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+        assert "--served-model-name" in worker["command"]
+    assert "pooling" in services["reward-worker"]["command"]
+
+
+def test_the_gateway_config_loads_and_points_at_compose_services():
+    settings = Settings.load(DEPLOY / "compose.alignd.yaml")
+    services = compose()["services"]
+    urls = [url for entry in [*settings.models, *settings.scorers] for url in entry.vllm.urls]
+    assert urls
+    for url in urls:
+        parsed = urlparse(url)
+        assert parsed.hostname in services and parsed.port == 8000
+    gateway = services["gateway"]
+    assert any(volume.startswith("./compose.alignd.yaml:") for volume in gateway["volumes"])
+    assert set(gateway["depends_on"]) == {"base-worker", "chat-worker", "reward-worker"}
+
+
+def test_prometheus_scrapes_existing_services():
+    services = compose()["services"]
+    config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    targets = [t for job in config["scrape_configs"] for group in job["static_configs"] for t in group["targets"]]
+    assert {target.split(":")[0] for target in targets} == {"gateway", "base-worker", "chat-worker", "reward-worker"}
+    assert all(target.split(":")[0] in services for target in targets)
+
+
+def test_dashboard_queries_name_real_metrics():
+    rendered = Metrics().render().decode().splitlines()
+    families = {re.sub(r"_total$", "", line.split()[2]) for line in rendered if line.startswith("# TYPE ")}
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "alignd.json").read_text())
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            names = re.findall(r"\b(alignd_[a-z_]+|vllm:[a-z_]+)", target["expr"])
+            assert names, target["expr"]
+            for name in names:
+                if name.startswith("alignd_"):
+                    assert re.sub(r"_(total|bucket|count|sum)$", "", name) in families, name
