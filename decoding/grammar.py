@@ -1,0 +1,336 @@
+"""Grammar-constrained decoding (GCD) and grammar-aligned sampling (ASAp; Park et al. 2024).
+
+GCD masks the tokens that cannot continue a grammatical output and renormalises;
+that distorts the distribution away from ``Q(w) ∝ P(w) · 1[w ∈ L(G)]``. ASAp keeps,
+per (model, prompt, grammar, sampling settings), a trie of visited prefixes with an
+over-approximation of the expected future grammaticality ``EFG(u)`` (initially 1)
+and samples ``∝ P(t | u) · EFG(u t)`` over the allowed tokens, with ``P`` the raw,
+unmasked temperature-1 probabilities. Each node stores its allowed mass ``A`` and
+only its visited children, so ``EFG(u) = A - Σ_visited P(c) · (1 - EFG(c))``; a dead
+end (empty mask) or a length cut-off counts as 0, and values are updated up the
+sampled path as soon as they change. EFG only decreases, so stale reads under
+concurrency stay upper bounds.
+
+Masks come from xgrammar (what vLLM uses) for EBNF, JSON schema, regex and Lark.
+
+Temperature: EFG is defined on temperature-1 probabilities and always computed from
+them; the engine then applies the request's temperature and top-p to the reweighted
+logits. Only temperature 1 and top-p 1 target ``Q`` exactly; other settings get
+their own trie (they are part of its key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from decoding.base import MethodParams
+from models.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    import torch
+    import xgrammar
+
+Syntax = Literal["ebnf", "json_schema", "regex", "lark"]
+
+
+class GrammarParams(MethodParams):
+    """``alignment.grammar`` (also set by OpenAI's ``response_format``)."""
+
+    syntax: Syntax = "ebnf"
+    grammar: str = Field(min_length=1, description="The grammar, schema (JSON text or object) or regex.")
+    mode: Literal["asap", "gcd"] = "asap"
+
+    @field_validator("grammar", mode="before")
+    @classmethod
+    def _schema_as_text(cls, value: Any) -> Any:
+        return json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.syntax}\x00{self.grammar}".encode()).hexdigest()[:16]
+
+
+class GrammarDetails(BaseModel):
+    mode: str
+    syntax: str
+    grammar_hash: str
+    complete: bool = Field(description="The output is a complete sentence of the grammar.")
+    trie_nodes: int | None = Field(default=None, description="ASAp: nodes in this key's trie after the request.")
+    root_efg: float | None = Field(default=None, description="ASAp: the learned upper bound on P(L) at the root.")
+
+
+# The trie -------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Node:
+    parent: _Node | None
+    token: int | None
+    allowed_mass: float | None = None
+    efg: float = 1.0
+    children: dict[int, tuple[float, _Node]] = field(default_factory=dict)
+
+    def recompute(self) -> None:
+        if self.allowed_mass is None:
+            return
+        lost = sum(p * (1.0 - child.efg) for p, child in self.children.values())
+        self.efg = max(0.0, min(self.efg, self.allowed_mass - lost))
+
+
+class EFGTrie:
+    """Visited prefixes of one key with their EFG upper bounds (float64)."""
+
+    def __init__(self) -> None:
+        self.root = _Node(None, None)
+        self.size = 1
+
+    def child(self, node: _Node, token: int, probability: float) -> _Node:
+        if token not in node.children:
+            node.children[token] = (probability, _Node(node, token))
+            self.size += 1
+        return node.children[token][1]
+
+    def efg_of_children(self, node: _Node) -> dict[int, float]:
+        return {token: child.efg for token, (_, child) in node.children.items()}
+
+    @staticmethod
+    def settle(node: _Node, efg: float | None = None) -> None:
+        """Sets a node's own value (dead end, cut-off: 0) and updates its ancestors."""
+        if efg is not None:
+            node.efg = min(node.efg, efg)
+        current = node.parent
+        while current is not None:
+            current.recompute()
+            current = current.parent
+
+
+class EFGStore:
+    """Tries by key, least recently used first out once the node budget is exceeded; thread-safe."""
+
+    def __init__(self, max_nodes: int = 1_000_000) -> None:
+        self.max_nodes = max_nodes
+        self._tries: OrderedDict[str, EFGTrie] = OrderedDict()
+        self.lock = threading.RLock()
+
+    def trie(self, key: str) -> EFGTrie:
+        with self.lock:
+            trie = self._tries.get(key)
+            if trie is None:
+                trie = self._tries[key] = EFGTrie()
+            self._tries.move_to_end(key)
+            self._evict(keep=key)
+            return trie
+
+    def _evict(self, keep: str) -> None:
+        while self.nodes > self.max_nodes and len(self._tries) > 1:
+            oldest = next(iter(self._tries))
+            if oldest == keep:
+                self._tries.move_to_end(oldest)
+                continue
+            del self._tries[oldest]
+
+    @property
+    def nodes(self) -> int:
+        return sum(trie.size for trie in self._tries.values())
+
+    def __len__(self) -> int:
+        return len(self._tries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tries
+
+
+def trie_key(model: str, prompt_ids: Sequence[int], params: GrammarParams, temperature: float, top_p: float) -> str:
+    prompt = hashlib.sha256(",".join(map(str, prompt_ids)).encode()).hexdigest()[:16]
+    return f"{model}/{prompt}/{params.digest}/t{temperature}/p{top_p}"
+
+
+# The per-token core ------------------------------------------------------------
+
+
+class GrammarLogitsProcessor:
+    """One sequence's grammar processor: GCD (``trie`` None) or ASAp (with the key's trie).
+
+    Args:
+        compiled: the compiled grammar (xgrammar).
+        vocab_size: the logits' width.
+        max_tokens: the sequence's budget; at its last token only ending tokens survive.
+        trie: ASAp's trie for this key, or None for GCD.
+        lock: guards the trie (shared across concurrent sequences).
+    """
+
+    def __init__(
+        self,
+        compiled: xgrammar.CompiledGrammar,
+        *,
+        vocab_size: int,
+        max_tokens: int,
+        trie: EFGTrie | None = None,
+        lock: threading.RLock | None = None,
+    ) -> None:
+        import xgrammar
+
+        self._xgr = xgrammar
+        self.matcher = xgrammar.GrammarMatcher(compiled)
+        self.stop_ids = list(self.matcher.stop_token_ids)
+        self.vocab_size = vocab_size
+        self.max_tokens = max_tokens
+        self.trie = trie
+        self.lock = lock or threading.RLock()
+        self.node = trie.root if trie is not None else None
+        self._bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+        self._accepted = 0
+        self._last_probabilities: torch.Tensor | None = None
+        self.dead_end = False
+
+    @property
+    def complete(self) -> bool:
+        return self.matcher.is_terminated() or self.matcher.is_completed()
+
+    def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        self._advance(output_ids)
+        allowed = self._allowed_mask(logits)
+        if len(output_ids) + 1 >= self.max_tokens:  # the last token: only an ending counts
+            ending = torch.zeros_like(allowed)
+            ending[self.stop_ids] = allowed[self.stop_ids]
+            allowed = ending
+        if not bool(allowed.any()):
+            return self._dead_end(logits)
+        if self.trie is None:
+            return logits.masked_fill(~allowed, float("-inf"))
+        return self._asap(logits, allowed)
+
+    def _advance(self, output_ids: Sequence[int]) -> None:
+        """Feeds the matcher (and walks the trie) with the tokens sampled since the last call."""
+        for token in output_ids[self._accepted :]:
+            if not self.matcher.accept_token(token):
+                raise RuntimeError(f"the grammar rejected sampled token {token}")
+            if self.trie is not None and self.node is not None and self._last_probabilities is not None:
+                with self.lock:
+                    probability = float(self._last_probabilities[token])
+                    self.node = self.trie.child(self.node, token, probability)
+                    if token in self.stop_ids:
+                        self.trie.settle(self.node)  # a complete sentence: EFG 1
+        self._accepted = len(output_ids)
+
+    def _allowed_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if self.matcher.is_terminated():
+            mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            mask[self.stop_ids] = True
+            return mask
+        self.matcher.fill_next_token_bitmask(self._bitmask)
+        probe = torch.zeros(1, self.vocab_size)
+        self._xgr.apply_token_bitmask_inplace(probe, self._bitmask)
+        mask = torch.isfinite(probe[0])
+        if logits.shape[-1] > self.vocab_size:
+            mask = torch.cat([mask, torch.zeros(logits.shape[-1] - self.vocab_size, dtype=torch.bool)])
+        return mask[: logits.shape[-1]]
+
+    def _asap(self, logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        probabilities = torch.softmax(logits.double(), dim=-1)  # raw, unmasked, temperature 1
+        weights = probabilities * allowed
+        assert self.trie is not None and self.node is not None
+        with self.lock:
+            node = self.node
+            if node.allowed_mass is None:
+                node.allowed_mass = float(weights.sum())
+                node.recompute()
+                self.trie.settle(node)
+            for token, efg in self.trie.efg_of_children(node).items():
+                weights[token] *= efg
+        self._last_probabilities = probabilities
+        if not bool((weights > 0).any()):
+            return self._dead_end(logits)
+        return torch.log(weights).to(logits.dtype)
+
+    def _dead_end(self, logits: torch.Tensor) -> torch.Tensor:
+        """Nothing grammatical can follow: EFG 0 here; the sequence ends (flagged incomplete)."""
+        self.dead_end = True
+        if self.trie is not None and self.node is not None:
+            with self.lock:
+                self.trie.settle(self.node, 0.0)
+        forced = logits.new_full(logits.shape, float("-inf"))
+        forced[self.stop_ids[0]] = 0.0
+        return forced
+
+
+# Compilation -------------------------------------------------------------------
+
+
+class GrammarCompiler:
+    """Compiles grammars for one tokenizer (xgrammar caches compiled grammars).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer, or an ``xgrammar.TokenizerInfo``.
+        vocab_size: the model's logits width.
+        stop_ids: the model's end-of-sequence ids.
+        max_grammar_bytes: larger grammars are rejected.
+    """
+
+    def __init__(
+        self, tokenizer: Any, *, vocab_size: int, stop_ids: Sequence[int], max_grammar_bytes: int = 65_536
+    ) -> None:
+        import xgrammar
+
+        if isinstance(tokenizer, xgrammar.TokenizerInfo):
+            info = tokenizer
+        else:
+            info = xgrammar.TokenizerInfo.from_huggingface(
+                tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_ids)
+            )
+        self.vocab_size = info.vocab_size
+        self.max_grammar_bytes = max_grammar_bytes
+        self._compiler = xgrammar.GrammarCompiler(info)
+
+    def compile(self, params: GrammarParams) -> xgrammar.CompiledGrammar:
+        if len(params.grammar.encode()) > self.max_grammar_bytes:
+            raise InvalidRequestError(
+                f"The grammar is {len(params.grammar.encode())} bytes; this server accepts at most "
+                f"{self.max_grammar_bytes}.",
+                param="alignment.grammar.grammar",
+            )
+        compile_by_syntax = {
+            "ebnf": self._compiler.compile_grammar,
+            "json_schema": self._compiler.compile_json_schema,
+            "regex": self._compiler.compile_regex,
+            "lark": self._compiler.compile_lark,
+        }
+        try:
+            return compile_by_syntax[params.syntax](params.grammar)
+        except (RuntimeError, ValueError) as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InvalidRequestError(
+                f"The {params.syntax} grammar does not compile: {message}", param="alignment.grammar.grammar"
+            ) from exc
+
+
+def response_format_grammar(response_format: dict[str, Any]) -> GrammarParams | None:
+    """OpenAI's ``response_format`` as a (GCD, like OpenAI's) grammar."""
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return GrammarParams(syntax="json_schema", grammar='{"type": "object"}', mode="gcd")
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("`response_format.json_schema.schema` must be an object.",
+                                      param="response_format.json_schema.schema")  # fmt: skip
+        return GrammarParams(syntax="json_schema", grammar=schema, mode="gcd")
+    raise InvalidRequestError(
+        f"`response_format.type` must be text, json_object or json_schema, got {kind!r}.", param="response_format"
+    )
