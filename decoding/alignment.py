@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from decoding.base import MethodParams
 from decoding.best_of_n import BestOfNParams
+from decoding.grammar import GrammarParams
 from decoding.guidelines import GuidelinesParams
 from decoding.registry import METHODS
 from models.errors import InvalidRequestError
@@ -27,6 +28,10 @@ class Alignment:
     @property
     def guidelines(self) -> GuidelinesParams | None:
         return self._typed("guidelines", GuidelinesParams)
+
+    @property
+    def grammar(self) -> GrammarParams | None:
+        return self._typed("grammar", GrammarParams)
 
     @property
     def best_of_n(self) -> BestOfNParams | None:

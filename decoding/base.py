@@ -28,6 +28,7 @@ from models.engine import (
 from models.scorers import Scorer
 
 if TYPE_CHECKING:
+    from decoding.grammar import GrammarConstraint
     from decoding.pipeline import AlignedRequest
 
 
@@ -195,6 +196,7 @@ class Prepared:
     meter: UsageMeter
     rendered: str | None = None
     details: dict[str, BaseModel] = field(default_factory=dict)
+    constraint: GrammarConstraint | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
     async def prompt_text(self) -> str:

@@ -25,7 +25,7 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -303,7 +303,7 @@ class GrammarCompiler:
                 f"{self.max_grammar_bytes}.",
                 param="alignment.grammar.grammar",
             )
-        compile_by_syntax = {
+        compile_by_syntax: dict[str, Callable[[str], xgrammar.CompiledGrammar]] = {
             "ebnf": self._compiler.compile_grammar,
             "json_schema": self._compiler.compile_json_schema,
             "regex": self._compiler.compile_regex,
@@ -330,7 +330,93 @@ def response_format_grammar(response_format: dict[str, Any]) -> GrammarParams | 
         if not isinstance(schema, dict):
             raise InvalidRequestError("`response_format.json_schema.schema` must be an object.",
                                       param="response_format.json_schema.schema")  # fmt: skip
-        return GrammarParams(syntax="json_schema", grammar=schema, mode="gcd")
+        return GrammarParams(syntax="json_schema", grammar=json.dumps(schema, sort_keys=True), mode="gcd")
     raise InvalidRequestError(
         f"`response_format.type` must be text, json_object or json_schema, got {kind!r}.", param="response_format"
     )
+
+
+# In the pipeline -------------------------------------------------------------------
+
+
+class GrammarConstraint:
+    """One request's grammar inside its generating engine: a processor per sample, details per sample."""
+
+    def __init__(
+        self,
+        params: GrammarParams,
+        compiled: xgrammar.CompiledGrammar,
+        *,
+        vocab_size: int,
+        max_tokens: int,
+        trie: EFGTrie | None,
+        lock: threading.RLock,
+    ) -> None:
+        self.params = params
+        self.compiled = compiled
+        self.vocab_size = vocab_size
+        self.max_tokens = max_tokens
+        self.trie = trie
+        self.lock = lock
+        self.processors: list[GrammarLogitsProcessor] = []
+
+    def make_processor(self) -> GrammarLogitsProcessor:
+        processor = GrammarLogitsProcessor(
+            self.compiled, vocab_size=self.vocab_size, max_tokens=self.max_tokens, trie=self.trie, lock=self.lock
+        )
+        self.processors.append(processor)
+        return processor
+
+    def details(self, index: int) -> GrammarDetails:
+        processor = self.processors[index]
+        with self.lock:
+            return GrammarDetails(
+                mode=self.params.mode,
+                syntax=self.params.syntax,
+                grammar_hash=self.params.digest,
+                complete=processor.complete and not processor.dead_end,
+                trie_nodes=None if self.trie is None else self.trie.size,
+                root_efg=None if self.trie is None else self.trie.root.efg,
+            )
+
+
+class GrammarService:
+    """Compilers per model and the ASAp trie store, shared by all requests of a server.
+
+    Args:
+        max_grammar_bytes: larger grammars are a 400.
+        max_trie_nodes: the node budget of the ASAp store (LRU over keys).
+    """
+
+    def __init__(self, *, max_grammar_bytes: int = 65_536, max_trie_nodes: int = 1_000_000) -> None:
+        self.store = EFGStore(max_trie_nodes)
+        self.max_grammar_bytes = max_grammar_bytes
+        self._compilers: dict[str, GrammarCompiler] = {}
+        self._lock = threading.Lock()
+
+    def compiler(self, model: str, tokenizer: Any, vocab_size: int, stop_ids: Sequence[int]) -> GrammarCompiler:
+        with self._lock:
+            if model not in self._compilers:
+                self._compilers[model] = GrammarCompiler(
+                    tokenizer, vocab_size=vocab_size, stop_ids=stop_ids, max_grammar_bytes=self.max_grammar_bytes
+                )
+            return self._compilers[model]
+
+    def constraint(
+        self,
+        model: str,
+        compiler: GrammarCompiler,
+        params: GrammarParams,
+        *,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+    ) -> GrammarConstraint:
+        compiled = compiler.compile(params)
+        trie = None
+        if params.mode == "asap":
+            trie = self.store.trie(trie_key(model, prompt_ids, params, temperature, top_p))
+        return GrammarConstraint(
+            params, compiled, vocab_size=compiler.vocab_size, max_tokens=max_tokens, trie=trie, lock=self.store.lock
+        )

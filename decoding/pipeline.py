@@ -33,6 +33,7 @@ from decoding.base import (
     Strategy,
     UsageMeter,
 )
+from decoding.grammar import GrammarConstraint, GrammarService
 from decoding.guidelines import GuidelineRetriever
 from decoding.plain import PlainStrategy
 from decoding.registry import METHODS
@@ -68,10 +69,17 @@ class Pipeline:
         limits: server bounds on what a request may ask.
     """
 
-    def __init__(self, resources: Resources, retriever: GuidelineRetriever, limits: Limits) -> None:
+    def __init__(
+        self,
+        resources: Resources,
+        retriever: GuidelineRetriever,
+        limits: Limits,
+        grammars: GrammarService | None = None,
+    ) -> None:
         self.resources = resources
         self.retriever = retriever
         self.limits = limits
+        self.grammars = grammars or GrammarService()
 
     async def prepare(self, request: AlignedRequest) -> Prepared:
         alignment = request.alignment
@@ -87,7 +95,39 @@ class Pipeline:
         prompt_ids = await _prompt_ids(engine, prompt, rendered)
         max_tokens = self._max_tokens(engine, len(prompt_ids), request)
         sampling = replace(request.sampling, max_tokens=max_tokens)
-        return Prepared(request, engine, strategy, prompt, prompt_ids, sampling, meter, rendered, details)
+        constraint = self._grammar(request, prompt_ids, sampling)
+        if constraint is not None:
+            sampling = replace(sampling, logits_processors=(constraint.make_processor,))
+        return Prepared(request, engine, strategy, prompt, prompt_ids, sampling, meter, rendered, details, constraint)
+
+    def _grammar(
+        self, request: AlignedRequest, prompt_ids: list[int], sampling: SamplingParams
+    ) -> GrammarConstraint | None:
+        """The grammar runs inside the generating engine; only the plain strategy has just one."""
+        params = request.alignment.grammar
+        if params is None:
+            return None
+        strategy = request.alignment.strategy()
+        if strategy is not None:
+            raise InvalidRequestError(
+                f"`grammar` cannot be combined with `{strategy[0]}`: alignd constrains the generating engine "
+                f"only, not every model {strategy[0]} uses.",
+                param="alignment.grammar",
+            )
+        engine = request.engine
+        tokenizer = getattr(engine, "tokenizer", None)
+        if not engine.info.supports_logits_processors or tokenizer is None:
+            raise InvalidRequestError(
+                f"The model `{engine.info.name}` cannot run grammar processors (vLLM workers need the alignd plugin).",
+                param="alignment.grammar",
+            )
+        compiler = self.grammars.compiler(
+            engine.info.name, tokenizer.hf, engine.info.vocab_size, sorted(engine.info.eos_token_ids)
+        )
+        return self.grammars.constraint(
+            engine.info.name, compiler, params, prompt_ids=prompt_ids, max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature, top_p=sampling.top_p,
+        )  # fmt: skip
 
     def _strategy(self, request: AlignedRequest, meter: UsageMeter) -> Strategy:
         """The request's generation strategy; its models are resolved (and metered) now."""

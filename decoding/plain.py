@@ -28,10 +28,16 @@ class PlainStrategy:
 
         completion = await prepared.engine.generate(prepared.prompt_ids, with_n(prepared.sampling, n))
         prepared.prompt_logprobs = completion.prompt_logprobs
-        return [
-            Candidate(sample.text, sample.token_ids, sample.finish_reason, sample.logprobs)
-            for sample in completion.samples
-        ]
+        candidates = []
+        for sample in completion.samples:
+            candidate = Candidate(sample.text, sample.token_ids, sample.finish_reason, sample.logprobs)
+            if prepared.constraint is not None:
+                grammar = prepared.constraint.details(sample.index)
+                candidate.details["grammar"] = grammar
+                if not grammar.complete:
+                    candidate.finish_reason = "length"  # cut off before the grammar could complete
+            candidates.append(candidate)
+        return candidates
 
 
 def plain_text_prompt(messages: Sequence[Mapping[str, str]], cue: str = "Assistant:") -> str:

@@ -116,6 +116,9 @@ class EngineInfo:
     tokenizer_id: str = field(default="", compare=False)
     """Identifies the vocabulary: equal ids mean token ids can be exchanged."""
     eos_token_ids: frozenset[int] = frozenset()
+    vocab_size: int = 0
+    """The width of the model's logits."""
+    supports_logits_processors: bool = False
 
 
 class Engine(Protocol):

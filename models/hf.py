@@ -118,6 +118,8 @@ class HFEngine:
             has_chat_template=self.tokenizer.has_chat_template,
             tokenizer_id=self.tokenizer.fingerprint,
             eos_token_ids=self.tokenizer.eos_ids,
+            vocab_size=int(self._model.config.vocab_size),
+            supports_logits_processors=True,
         )
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"hf-{name}")
 

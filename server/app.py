@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from decoding.base import Limits
+from decoding.grammar import GrammarService
 from decoding.guidelines import GuidelineRetriever
 from decoding.pipeline import Pipeline
 from server.config import Settings
@@ -51,6 +52,7 @@ def build_app(settings: Settings) -> FastAPI:
             max_nudging_rounds=limits.max_nudging_rounds,
             max_transfer_q_work=limits.max_transfer_q_work,
         ),
+        GrammarService(max_grammar_bytes=limits.max_grammar_bytes, max_trie_nodes=limits.max_trie_nodes),
     )
     handler_args = (registry, pipeline, settings.profiles, limits, metrics)
     app.state.completion_handler = CompletionHandler(*handler_args)

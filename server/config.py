@@ -154,6 +154,8 @@ class LimitsConfig(BaseModel):
     max_n: int = Field(default=8, ge=1)
     max_best_of_n: int = Field(default=16, ge=1, description="Largest `alignment.best_of_n.n`.")
     max_nudging_rounds: int = Field(default=150, ge=1, description="Largest `alignment.nudging.max_rounds`.")
+    max_grammar_bytes: int = Field(default=65_536, ge=1, description="Largest grammar or schema accepted.")
+    max_trie_nodes: int = Field(default=1_000_000, ge=1, description="ASAp: the trie store's node budget (LRU).")
     max_transfer_q_work: int = Field(
         default=20_000, ge=1, description="Transfer-Q*: top_k x rollouts x (rollout_tokens + 1) x decision steps."
     )

@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from decoding.grammar import response_format_grammar
 from models.engine import SamplingParams
 
 UNSUPPORTED = "unsupported_parameter"
@@ -141,7 +142,7 @@ class ChatCompletionRequest(_GenerationRequest):
     unsupported: ClassVar[dict[str, Any]] = {
         **_GenerationRequest.unsupported,
         **dict.fromkeys(("audio", "function_call", "modalities", "prediction", "reasoning_effort")),
-        **dict.fromkeys(("response_format", "tool_choice", "web_search_options")),
+        **dict.fromkeys(("tool_choice", "web_search_options")),
         "functions": [], "parallel_tool_calls": False, "tools": [],
     }  # fmt: skip
 
@@ -164,10 +165,14 @@ class ChatCompletionRequest(_GenerationRequest):
     top_logprobs: int | None = Field(default=None, ge=0)
     web_search_options: dict[str, Any] | None = None
 
-    @field_validator("response_format")
-    @classmethod
-    def _plain_text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None if value == {"type": "text"} else value
+    def alignment_with_response_format(self) -> dict[str, Any] | None:
+        """``response_format`` is a grammar (GCD, as OpenAI's); an explicit ``alignment.grammar`` wins."""
+        if not self.response_format or (self.alignment and "grammar" in self.alignment):
+            return self.alignment
+        grammar = response_format_grammar(self.response_format)
+        if grammar is None:
+            return self.alignment
+        return {**(self.alignment or {}), "grammar": grammar.model_dump()}
 
     @property
     def requested_max_tokens(self) -> int | None:

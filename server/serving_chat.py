@@ -42,7 +42,7 @@ class ChatCompletionHandler(OpenAIServing):
             model=request.model,
             prompt=PromptInput(messages=[message.to_template() for message in request.messages]),
             sampling=request.sampling_params(logprobs=(request.top_logprobs or 0) if request.logprobs else None),
-            alignment=request.alignment,
+            alignment=request.alignment_with_response_format(),
             requested_max_tokens=request.requested_max_tokens,
             budget_param="max_completion_tokens" if request.max_completion_tokens else "max_tokens",
             logprobs_param="top_logprobs",

@@ -30,6 +30,7 @@ limits:
   max_logprobs: 5
   default_max_tokens: 32
   max_best_of_n: 8
+  max_grammar_bytes: 4096
 """
 
 

@@ -32,11 +32,10 @@ def test_embedded_default_serves_the_tiny_models():
     assert [model.name for model in settings.models] == ["tiny-base", "tiny-chat", "tiny-chat-shared"]
     assert all(model.path.parent == settings.model_root for model in settings.models)
     assert {scorer.name for scorer in settings.scorers} == {"rm", "is-json"}
-    assert {profile.name for profile in settings.profiles} == {
-        "tiny-chat-guided",
-        "tiny-base-best-of-4",
-        "tiny-chat-safe",
-    }
+    profiles = {profile.name for profile in settings.profiles}
+    assert profiles == {
+        "tiny-chat-guided", "tiny-base-best-of-4", "tiny-chat-safe", "tiny-base-nudged", "tiny-base-transfer-q"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
