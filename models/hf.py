@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -25,7 +25,7 @@ from models.engine import (
     TopLogprob,
 )
 from models.text import IncrementalDetokenizer
-from models.tokenizer import Tokenizer
+from models.tokenizer import Tokenizer, TokenizerEngineMixin
 
 if TYPE_CHECKING:
     import torch
@@ -74,7 +74,7 @@ class _Sequence:
         )
 
 
-class HFEngine:
+class HFEngine(TokenizerEngineMixin):
     """A transformers causal LM served in-process.
 
     Generation runs on a bounded pool of worker threads (``workers``), never
@@ -127,15 +127,6 @@ class HFEngine:
     def info(self) -> EngineInfo:
         return self._info
 
-    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    async def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(token_ids)
-
-    async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
-        return self.tokenizer.render_chat(messages)
-
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
         prompt_ids = await self._prompt_ids(prompt)
         cancelled = threading.Event()
@@ -176,9 +167,6 @@ class HFEngine:
         finally:
             cancelled.set()
             future.cancel()
-
-    async def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        return await self.tokenize(prompt) if isinstance(prompt, str) else self.tokenizer.check_ids(prompt)
 
     def _generate(
         self, prompt_ids: list[int], params: SamplingParams, emit: Emit | None, cancelled: threading.Event

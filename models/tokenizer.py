@@ -73,6 +73,25 @@ class Tokenizer:
         return str(rendered)
 
 
+class TokenizerEngineMixin:
+    """The text side of the Engine protocol for engines that hold their model's ``Tokenizer``."""
+
+    tokenizer: Tokenizer
+
+    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        return self.tokenizer.render_chat(messages)
+
+    async def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """Text is tokenised; token ids are checked against the vocabulary."""
+        return await self.tokenize(prompt) if isinstance(prompt, str) else self.tokenizer.check_ids(prompt)
+
+
 def vocabulary_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A short hash of the token -> id map: equal hashes mean exchangeable token ids."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), separators=(",", ":"))

@@ -7,7 +7,7 @@ method, and vLLM's prefix cache sees identical prefixes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -23,13 +23,13 @@ from models.engine import (
     TopLogprob,
 )
 from models.errors import InvalidRequestError, UpstreamError
-from models.tokenizer import Tokenizer
+from models.tokenizer import Tokenizer, TokenizerEngineMixin
 from models.vllm_service import VLLMService
 
 _TOKEN_ID_PREFIX = "token_id:"
 
 
-class VLLMEngine:
+class VLLMEngine(TokenizerEngineMixin):
     """A model served by vLLM workers.
 
     Args:
@@ -81,15 +81,6 @@ class VLLMEngine:
     def info(self) -> EngineInfo:
         return self._info
 
-    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    async def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(token_ids)
-
-    async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
-        return self.tokenizer.render_chat(messages)
-
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
         prompt_ids = await self._prompt_ids(prompt)
         response = await self.service.post_json("/v1/completions", self._body(prompt_ids, params, stream=False))
@@ -129,9 +120,6 @@ class VLLMEngine:
 
     async def close(self) -> None:
         await self.service.close()
-
-    async def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        return await self.tokenize(prompt) if isinstance(prompt, str) else self.tokenizer.check_ids(prompt)
 
     def _body(self, prompt_ids: list[int], params: SamplingParams, *, stream: bool) -> dict[str, Any]:
         if params.logits_processors:

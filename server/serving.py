@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -15,8 +15,8 @@ from sse_starlette import EventSourceResponse
 
 from decoding.alignment import parse_alignment
 from decoding.base import Candidate, PromptInput
-from decoding.pipeline import AlignedRequest, Pipeline, Prepared
-from models.engine import Engine, SamplingParams
+from decoding.pipeline import AlignedRequest, Pipeline, PipelineResult, Prepared
+from models.engine import Engine, SampleDelta, SamplingParams
 from models.errors import InvalidRequestError
 from server.config import LimitsConfig, ProfileConfig
 from server.engines import ModelRegistry
@@ -94,6 +94,22 @@ class OpenAIServing:
             model, prepared.request.alignment.methods, meter.engine_calls, (choice.details for choice in choices)
         )
         return Usage.of(meter.prompt_tokens, meter.completion_tokens)
+
+    async def stream_events(
+        self, model: str, prepared: Prepared
+    ) -> AsyncGenerator[SampleDelta | tuple[int, Candidate] | Usage, None]:
+        """What a stream shows, in order: token deltas (plain generation) or the selected answers with
+        their choice index (once chosen), then the request's usage."""
+        selected: list[Candidate] = []
+        async with aclosing(self.pipeline.stream(prepared)) as items:
+            async for item in items:
+                if isinstance(item, PipelineResult):
+                    selected = item.choices
+                    for choice in enumerate(item.choices):
+                        yield choice
+                elif item.text or item.finish_reason is not None or item.logprobs is not None:
+                    yield item
+        yield self.finish(model, prepared, selected)
 
     def event_stream(self, request: Request, chunks: AsyncIterator[BaseModel]) -> EventSourceResponse:
         """SSE in OpenAI's framing: ``data: {json}`` per chunk, an error chunk on failure, then ``[DONE]``."""

@@ -9,7 +9,7 @@ from fastapi import Request
 from sse_starlette import EventSourceResponse
 
 from decoding.base import PromptInput
-from decoding.pipeline import Candidate, PipelineResult, Prepared, details_json
+from decoding.pipeline import Candidate, Prepared, details_json
 from models.engine import SampleDelta, TokenLogprob
 from models.errors import InvalidRequestError
 from server.protocol import (
@@ -77,18 +77,15 @@ class ChatCompletionHandler(OpenAIServing):
         yield chunk(
             [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(request.n)]
         )
-        selected: list[Candidate] = []
-        async with aclosing(self.pipeline.stream(prepared)) as items:
-            async for item in items:
-                if isinstance(item, PipelineResult):
-                    selected = item.choices
-                    for index, candidate in enumerate(item.choices):
-                        yield chunk([self._final_chunk(index, candidate, prepared)])
-                elif item.text or item.finish_reason is not None or item.logprobs is not None:
-                    yield chunk([self._delta_chunk(item)])
-        usage = self.finish(request.model, prepared, selected)
-        if request.stream_options and request.stream_options.include_usage:
-            yield ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=[], usage=usage)
+        async with aclosing(self.stream_events(request.model, prepared)) as events:
+            async for event in events:
+                if isinstance(event, SampleDelta):
+                    yield chunk([self._delta_chunk(event)])
+                elif isinstance(event, tuple):
+                    yield chunk([self._final_chunk(*event, prepared)])
+                elif request.stream_options and request.stream_options.include_usage:
+                    yield ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=[],
+                                              usage=event)  # fmt: skip
 
     @staticmethod
     def _delta_chunk(delta: SampleDelta) -> ChatChunkChoice:

@@ -9,7 +9,7 @@ from fastapi import Request
 from sse_starlette import EventSourceResponse
 
 from decoding.base import PromptInput
-from decoding.pipeline import Candidate, PipelineResult, Prepared, details_json
+from decoding.pipeline import Candidate, Prepared, details_json
 from models.engine import SampleDelta, TokenLogprob
 from server.protocol import (
     CompletionChoice,
@@ -86,18 +86,15 @@ class CompletionHandler(OpenAIServing):
         def chunk(choices: list[CompletionChoice]) -> CompletionResponse:
             return CompletionResponse(id=response_id, created=created, model=request.model, choices=choices)
 
-        selected: list[Candidate] = []
-        async with aclosing(self.pipeline.stream(prepared)) as items:
-            async for item in items:
-                if isinstance(item, PipelineResult):
-                    selected = item.choices
-                    for index, candidate in enumerate(item.choices):
-                        yield chunk([self._choice(index, candidate, prepared)])
-                elif item.text or item.finish_reason is not None or item.logprobs is not None:
-                    yield chunk([self._delta_choice(item)])
-        usage = self.finish(request.model, prepared, selected)
-        if request.stream_options and request.stream_options.include_usage:
-            yield CompletionResponse(id=response_id, created=created, model=request.model, choices=[], usage=usage)
+        async with aclosing(self.stream_events(request.model, prepared)) as events:
+            async for event in events:
+                if isinstance(event, SampleDelta):
+                    yield chunk([self._delta_choice(event)])
+                elif isinstance(event, tuple):
+                    yield chunk([self._choice(*event, prepared)])
+                elif request.stream_options and request.stream_options.include_usage:
+                    yield CompletionResponse(id=response_id, created=created, model=request.model, choices=[],
+                                             usage=event)  # fmt: skip
 
     @staticmethod
     def _delta_choice(delta: SampleDelta) -> CompletionChoice:
