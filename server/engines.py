@@ -148,7 +148,8 @@ class ModelRegistry:
     def ready(self) -> bool:
         settings = self._settings
         return (
-            len(self._engines) == len(settings.models)
+            self.load_error is None
+            and len(self._engines) == len(settings.models)
             and len(self._scorers) == len(settings.scorers)
             and self._libraries_loaded
         )
@@ -190,6 +191,19 @@ class ModelRegistry:
             *(self._load(c.name, build_scorer(c, settings), self._scorers) for c in settings.scorers),
             self._load_libraries(),
         )
+        self._check_profiles()
+
+    def _check_profiles(self) -> None:
+        """Start-up checks that need loaded models: a Transfer-Q* baseline shares its base's tokenizer."""
+        for profile in self._settings.profiles:
+            transfer_q = profile.alignment.get("transfer_q") or {}
+            base, baseline = self._engines.get(profile.model), self._engines.get(transfer_q.get("baseline", ""))
+            if base is not None and baseline is not None and base.info.tokenizer_id != baseline.info.tokenizer_id:
+                self.load_error = (
+                    f"profile `{profile.name}`: the Transfer-Q* baseline `{baseline.info.name}` does not share "
+                    f"the tokenizer of `{profile.model}`"
+                )
+                logger.error("invalid profile", extra={"profile": profile.name, "reason": self.load_error})
 
     async def _load_libraries(self) -> None:
         try:
