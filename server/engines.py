@@ -130,6 +130,15 @@ def build_libraries(config: GuidelinesConfig) -> dict[str, GuidelineLibrary]:
     }
 
 
+def _resolve_lazy_imports() -> None:
+    """transformers resolves its classes on first use, and that is not thread-safe; the models load
+    on several threads at once, so resolve the classes they need first, on one."""
+    import transformers
+
+    for name in ("AutoTokenizer", "AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoConfig"):
+        getattr(transformers, name)
+
+
 class ModelRegistry:
     """Engines, scorers and guideline libraries by name; the pipeline's ``Resources``.
 
@@ -186,6 +195,7 @@ class ModelRegistry:
     async def load(self) -> None:
         """Loads every model and scorer concurrently (managed workers start in parallel)."""
         settings = self._settings
+        await asyncio.to_thread(_resolve_lazy_imports)
         await asyncio.gather(
             *(self._load(c.name, build_engine(c, settings), self._engines) for c in settings.models),
             *(self._load(c.name, build_scorer(c, settings), self._scorers) for c in settings.scorers),

@@ -40,7 +40,7 @@ def gateway_config(root: Path, logs: Path, embeddings: Path) -> dict[str, Any]:
             {"name": "tiny-chat-safe", "model": "tiny-chat",
              "alignment": {"guidelines": {"top_k": 2}, "best_of_n": {"n": 3, "reward": "rm"}}},
         ],
-        "limits": {"max_n": 4},
+        "limits": {"max_n": 8},
     }  # fmt: skip
 
 
