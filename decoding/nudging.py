@@ -55,12 +55,15 @@ class NudgedSpan(BaseModel):
     base_p1: float | None = Field(default=None, description="For a nudge: the base's top-1 p where it began.")
 
 
+StopCause = Literal["eos", "stop", "length", "max_rounds", "repetition"]
+
+
 class NudgingDetails(BaseModel):
     nudger: str
     spans: list[NudgedSpan]
     nudged_token_fraction: float
     rounds: int
-    stopped_by: Literal["eos", "stop", "length", "max_rounds", "repetition"]
+    stopped_by: StopCause
 
 
 @dataclass(slots=True)
@@ -116,7 +119,7 @@ class Nudging:
         answer, spans, rounds = "", [], 0
         recent: deque[str] = deque(maxlen=3)
         first = await self._nudger_words(answer)
-        stopped_by: str | None = None
+        stopped_by: StopCause | None = None
         if first.words:
             answer = first.words[0].lstrip(" ")
             spans.append(NudgedSpan(source=self.nudger.info.name, text=answer))
@@ -153,18 +156,18 @@ class Nudging:
             if len(recent) == 3 and len(set(recent)) == 1:
                 stopped_by = "repetition"
         answer, cut = _cut_at_stop(answer, self.stop)
-        stopped = "stop" if cut else stopped_by
+        stopped: StopCause = "stop" if cut or stopped_by is None else stopped_by
         finish: FinishReason = "length" if stopped in ("length", "max_rounds") else "stop"
         details = NudgingDetails(
             nudger=self.nudger.info.name,
             spans=spans,
             nudged_token_fraction=await self._nudged_fraction(spans),
             rounds=rounds,
-            stopped_by=stopped,  # type: ignore[arg-type]
+            stopped_by=stopped,
         )
         return answer, finish, details
 
-    async def _check_end(self, answer: str) -> tuple[str, str | None]:
+    async def _check_end(self, answer: str) -> tuple[str, StopCause | None]:
         answer, cut = _cut_at_stop(answer, self.stop)
         if cut:
             return answer, "stop"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -71,10 +71,11 @@ class ReplicaSet:
 
     def pick(self, key: str | None = None, *, exclude: Replica | None = None) -> Replica:
         """The replica for a call with affinity ``key`` (None: the least-loaded healthy one)."""
-        bound = self._bindings.get(key) if key is not None else None
-        if bound is not None and bound.healthy and bound is not exclude:
-            self._bindings.move_to_end(key)  # type: ignore[arg-type]
-            return bound
+        if key is not None:
+            bound = self._bindings.get(key)
+            if bound is not None and bound.healthy and bound is not exclude:
+                self._bindings.move_to_end(key)
+                return bound
         candidates = [replica for replica in self.replicas if replica.healthy and replica is not exclude]
         if not candidates:
             raise EngineUnavailableError(f"No healthy replica of `{self.name}` is available; retry shortly.")
@@ -96,7 +97,7 @@ class ReplicaSet:
                 replica = self._after_failure(key, replica, exc, retry=idempotent and attempt == 0)
         raise AssertionError("unreachable: the second failure raises")
 
-    async def stream(self, operation: Callable[[Replica], AsyncIterator[T]]) -> AsyncGenerator[T, None]:
+    async def stream(self, operation: Callable[[Replica], AsyncGenerator[T, None]]) -> AsyncGenerator[T, None]:
         """Streams ``operation`` from the chosen replica; retried once on another replica only if
         the first failed before it produced anything."""
         key = request_affinity.get()
@@ -105,7 +106,7 @@ class ReplicaSet:
             produced = False
             try:
                 with replica.busy():
-                    async with aclosing(operation(replica)) as items:  # type: ignore[type-var]
+                    async with aclosing(operation(replica)) as items:
                         async for item in items:
                             produced = True
                             yield item

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -122,7 +122,7 @@ class VLLMService:
         Closing the generator closes the connection, which makes vLLM abort the request.
         """
 
-        async def events(replica: Replica) -> AsyncIterator[dict[str, Any]]:
+        async def events(replica: Replica) -> AsyncGenerator[dict[str, Any], None]:
             with _translated(replica):
                 async with aconnect_sse(self._client, "POST", f"{replica.url}{path}", json=body) as source:
                     if source.response.status_code != 200:

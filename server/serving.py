@@ -111,7 +111,7 @@ class OpenAIServing:
                     yield item
         yield self.finish(model, prepared, selected)
 
-    def event_stream(self, request: Request, chunks: AsyncIterator[BaseModel]) -> EventSourceResponse:
+    def event_stream(self, request: Request, chunks: AsyncGenerator[BaseModel, None]) -> EventSourceResponse:
         """SSE in OpenAI's framing: ``data: {json}`` per chunk, an error chunk on failure, then ``[DONE]``."""
         model = getattr(request.state, "model", "")
         started = time.perf_counter()
@@ -119,7 +119,7 @@ class OpenAIServing:
         async def events() -> AsyncIterator[dict[str, str]]:
             first = True
             try:
-                async with aclosing(chunks) as items:  # type: ignore[type-var]
+                async with aclosing(chunks) as items:
                     async for chunk in items:
                         if first:
                             self.metrics.time_to_first_token.labels(route=self.route, model=model).observe(

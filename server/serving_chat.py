@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
 from fastapi import Request
@@ -68,7 +68,9 @@ class ChatCompletionHandler(OpenAIServing):
             alignment=details_json(candidate) if prepared.request.alignment.return_details else None,
         )
 
-    async def _chunks(self, request: ChatCompletionRequest, prepared: Prepared) -> AsyncIterator[ChatCompletionChunk]:
+    async def _chunks(
+        self, request: ChatCompletionRequest, prepared: Prepared
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
         response_id, created = new_id("chatcmpl"), now()
 
         def chunk(choices: list[ChatChunkChoice]) -> ChatCompletionChunk:

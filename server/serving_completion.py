@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
 from fastapi import Request
@@ -80,7 +80,7 @@ class CompletionHandler(OpenAIServing):
             entries.append((record.token if record else await prepared.engine.detokenize([token_id]), record))
         return entries
 
-    async def _chunks(self, request: CompletionRequest, prepared: Prepared) -> AsyncIterator[CompletionResponse]:
+    async def _chunks(self, request: CompletionRequest, prepared: Prepared) -> AsyncGenerator[CompletionResponse, None]:
         response_id, created = new_id("cmpl"), now()
 
         def chunk(choices: list[CompletionChoice]) -> CompletionResponse:
