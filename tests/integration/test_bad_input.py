@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import socket
+import time
 from typing import Any
 
 import httpx
@@ -132,3 +136,24 @@ def test_client_disconnect_mid_stream_keeps_the_server_serving(server: RemoteAli
         next(response.iter_lines())
     completion = client.completions.create(model="tiny-base", prompt="x", max_tokens=2)
     assert completion.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_non_streaming_request_is_cancelled_when_its_client_hangs_up(server: RemoteAligndServer):
+    def hung_up() -> float:
+        for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+            if line.startswith("alignd_requests_total{") and 'status="499"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = hung_up()
+    payload = json.dumps({"model": "tiny-base", "prompt": "x", "max_tokens": 1500, "n": 4}).encode()
+    head = "POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: "
+    with socket.create_connection(("127.0.0.1", server.port)) as connection:
+        connection.sendall(f"{head}{len(payload)}\r\n\r\n".encode() + payload)
+        connection.settimeout(0.3)
+        with contextlib.suppress(TimeoutError):
+            connection.recv(4096)
+    deadline = time.monotonic() + 10
+    while hung_up() == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert hung_up() == before + 1  # the handler was cancelled (499), not run to its end
