@@ -25,11 +25,11 @@ from models.engine import (
     SamplingParams,
     TokenLogprob,
 )
-from models.scorers import Scorer
 
 if TYPE_CHECKING:
     from decoding.grammar import GrammarConstraint
     from decoding.pipeline import AlignedRequest
+    from models.scorers import Scorer
 
 
 @dataclass(frozen=True, slots=True)

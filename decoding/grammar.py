@@ -13,6 +13,11 @@ concurrency stay upper bounds.
 
 Masks come from xgrammar (what vLLM uses) for EBNF, JSON schema, regex and Lark.
 
+Where it runs: inside the in-process engine (``GrammarLogitsProcessor`` per sample),
+or inside vLLM workers through ``decoding.vllm_plugin`` (the same core; the request's
+``GrammarParams`` travel as ``vllm_xargs``). Either way the gateway replays each
+output through its own matcher to tell complete sentences from cut-off ones.
+
 Temperature: EFG is defined on temperature-1 probabilities and always computed from
 them; the engine then applies the request's temperature and top-p to the reweighted
 logits. Only temperature 1 and top-p 1 target ``Q`` exactly; other settings get
@@ -23,22 +28,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
 from decoding.base import MethodParams
-from models.errors import InvalidRequestError
+from models.engine import SamplingParams
+from models.errors import InvalidRequestError, UpstreamError
 
 if TYPE_CHECKING:
     import torch
     import xgrammar
 
 Syntax = Literal["ebnf", "json_schema", "regex", "lark"]
+
+WORKER_ARG = "alignd_grammar"
+"""The ``vllm_xargs`` key carrying a request's ``GrammarParams`` (JSON) to vLLM workers."""
+VLLM_GRAMMAR_PLUGIN = "decoding.vllm_plugin:GrammarLogitsProcessor"
+"""What vLLM's ``--logits-processors`` names to load the plugin."""
 
 
 class GrammarParams(MethodParams):
@@ -189,11 +201,6 @@ class GrammarLogitsProcessor:
         self._bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
         self._accepted = 0
         self._last_probabilities: torch.Tensor | None = None
-        self.dead_end = False
-
-    @property
-    def complete(self) -> bool:
-        return self.matcher.is_terminated() or self.matcher.is_completed()
 
     def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         import torch
@@ -213,6 +220,11 @@ class GrammarLogitsProcessor:
     def _advance(self, output_ids: Sequence[int]) -> None:
         """Feeds the matcher (and walks the trie) with the tokens sampled since the last call."""
         for token in output_ids[self._accepted :]:
+            if token < 0:
+                raise RuntimeError(
+                    "the newest output token is not known yet (vLLM's async scheduling): load the plugin with "
+                    f"--logits-processors {VLLM_GRAMMAR_PLUGIN}, not only through its entry point"
+                )
             if not self.matcher.accept_token(token):
                 raise RuntimeError(f"the grammar rejected sampled token {token}")
             if self.trie is not None and self.node is not None and self._last_probabilities is not None:
@@ -229,14 +241,14 @@ class GrammarLogitsProcessor:
         if self.matcher.is_terminated():
             mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
             mask[self.stop_ids] = True
-            return mask
+            return mask.to(logits.device)
         self.matcher.fill_next_token_bitmask(self._bitmask)
         probe = torch.zeros(1, self.vocab_size)
         self._xgr.apply_token_bitmask_inplace(probe, self._bitmask)
         mask = torch.isfinite(probe[0])
-        if logits.shape[-1] > self.vocab_size:
+        if logits.shape[-1] > self.vocab_size:  # padded logits (vLLM): the padding is never allowed
             mask = torch.cat([mask, torch.zeros(logits.shape[-1] - self.vocab_size, dtype=torch.bool)])
-        return mask[: logits.shape[-1]]
+        return mask[: logits.shape[-1]].to(logits.device)
 
     def _asap(self, logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         import torch
@@ -259,7 +271,6 @@ class GrammarLogitsProcessor:
 
     def _dead_end(self, logits: torch.Tensor) -> torch.Tensor:
         """Nothing grammatical can follow: EFG 0 here; the sequence ends (flagged incomplete)."""
-        self.dead_end = True
         if self.trie is not None and self.node is not None:
             with self.lock:
                 self.trie.settle(self.node, 0.0)
@@ -312,10 +323,32 @@ class GrammarCompiler:
         try:
             return compile_by_syntax[params.syntax](params.grammar)
         except (RuntimeError, ValueError) as exc:
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InvalidRequestError(
-                f"The {params.syntax} grammar does not compile: {message}", param="alignment.grammar.grammar"
+                f"The {params.syntax} grammar does not compile: {compiler_message(exc)}",
+                param="alignment.grammar.grammar",
             ) from exc
+
+
+def parse_grammar(params: GrammarParams) -> None:
+    """Parses the grammar without a tokenizer (what workers check at admission); raises ValueError."""
+    import xgrammar
+
+    parse_by_syntax: dict[str, Callable[[str], xgrammar.Grammar]] = {
+        "ebnf": xgrammar.Grammar.from_ebnf,
+        "json_schema": xgrammar.Grammar.from_json_schema,
+        "regex": xgrammar.Grammar.from_regex,
+        "lark": xgrammar.Grammar.from_lark,
+    }
+    try:
+        parse_by_syntax[params.syntax](params.grammar)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"The {params.syntax} grammar does not compile: {compiler_message(exc)}") from exc
+
+
+def compiler_message(exc: Exception) -> str:
+    """xgrammar's message without its ``[time] file.cc:line:`` prefix."""
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return re.sub(r"^\[[\d:.]+\] \S+:\d+: ", "", first_line)
 
 
 def response_format_grammar(response_format: dict[str, Any]) -> GrammarParams | None:
@@ -340,7 +373,8 @@ def response_format_grammar(response_format: dict[str, Any]) -> GrammarParams | 
 
 
 class GrammarConstraint:
-    """One request's grammar inside its generating engine: a processor per sample, details per sample."""
+    """One request's grammar: where it runs (the in-process engine, or the vLLM workers' plugin) and,
+    per sample, whether the output is a complete sentence (the output replayed through a matcher)."""
 
     def __init__(
         self,
@@ -349,35 +383,61 @@ class GrammarConstraint:
         *,
         vocab_size: int,
         max_tokens: int,
+        stop_ids: frozenset[int],
         trie: EFGTrie | None,
         lock: threading.RLock,
+        key: str,
+        in_workers: bool,
     ) -> None:
         self.params = params
         self.compiled = compiled
         self.vocab_size = vocab_size
         self.max_tokens = max_tokens
+        self.stop_ids = stop_ids
         self.trie = trie
         self.lock = lock
-        self.processors: list[GrammarLogitsProcessor] = []
+        self.key = key
+        self.in_workers = in_workers
+
+    def apply(self, sampling: SamplingParams) -> SamplingParams:
+        """The sampling settings that run this grammar in the generating engine."""
+        if self.in_workers:
+            # ASAp's trie lives in one worker: the same key always goes to the same replica.
+            affinity = self.key if self.params.mode == "asap" else None
+            return replace(sampling, worker_args={WORKER_ARG: self.params.model_dump_json()}, affinity=affinity)
+        return replace(sampling, logits_processors=(self.make_processor,))
 
     def make_processor(self) -> GrammarLogitsProcessor:
-        processor = GrammarLogitsProcessor(
+        return GrammarLogitsProcessor(
             self.compiled, vocab_size=self.vocab_size, max_tokens=self.max_tokens, trie=self.trie, lock=self.lock
         )
-        self.processors.append(processor)
-        return processor
 
-    def details(self, index: int) -> GrammarDetails:
-        processor = self.processors[index]
+    def details(self, token_ids: Sequence[int]) -> GrammarDetails:
+        complete = self._is_complete(token_ids)
         with self.lock:
             return GrammarDetails(
                 mode=self.params.mode,
                 syntax=self.params.syntax,
                 grammar_hash=self.params.digest,
-                complete=processor.complete and not processor.dead_end,
+                complete=complete,
                 trie_nodes=None if self.trie is None else self.trie.size,
                 root_efg=None if self.trie is None else self.trie.root.efg,
             )
+
+    def _is_complete(self, token_ids: Sequence[int]) -> bool:
+        import xgrammar
+
+        matcher = xgrammar.GrammarMatcher(self.compiled)
+        for position, token in enumerate(token_ids):
+            if matcher.accept_token(token):
+                continue
+            if token in self.stop_ids and position == len(token_ids) - 1:
+                return False  # a dead end: the processor ended the sequence early
+            raise UpstreamError(
+                f"The model sampled token {token}, which the grammar does not allow: its workers do not run "
+                f"alignd's grammar plugin (start vLLM with `--logits-processors {VLLM_GRAMMAR_PLUGIN}`)."
+            )
+        return matcher.is_terminated() or matcher.is_completed()
 
 
 class GrammarService:
@@ -409,14 +469,27 @@ class GrammarService:
         params: GrammarParams,
         *,
         prompt_ids: Sequence[int],
-        max_tokens: int,
-        temperature: float,
-        top_p: float,
+        sampling: SamplingParams,
+        stop_ids: frozenset[int],
+        in_workers: bool,
     ) -> GrammarConstraint:
+        """Compiled here in every case: a bad grammar is a 400 before any engine call."""
         compiled = compiler.compile(params)
-        trie = None
-        if params.mode == "asap":
-            trie = self.store.trie(trie_key(model, prompt_ids, params, temperature, top_p))
+        key = trie_key(model, prompt_ids, params, sampling.temperature, sampling.top_p)
+        trie = self.store.trie(key) if params.mode == "asap" and not in_workers else None
         return GrammarConstraint(
-            params, compiled, vocab_size=compiler.vocab_size, max_tokens=max_tokens, trie=trie, lock=self.store.lock
-        )
+            params, compiled, vocab_size=compiler.vocab_size, max_tokens=sampling.max_tokens, stop_ids=stop_ids,
+            trie=trie, lock=self.store.lock, key=key, in_workers=in_workers,
+        )  # fmt: skip
+
+
+def worker_grammar(extra_args: Mapping[str, Any] | None) -> GrammarParams | None:
+    """A vLLM request's grammar from its ``vllm_xargs`` (None: it has none); raises ValueError."""
+    if not extra_args or WORKER_ARG not in extra_args:
+        return None
+    try:
+        params = GrammarParams.model_validate_json(extra_args[WORKER_ARG])
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise ValueError(f"`vllm_xargs.{WORKER_ARG}` is not a valid alignd grammar: {exc}") from exc
+    parse_grammar(params)
+    return params

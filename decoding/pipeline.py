@@ -97,7 +97,7 @@ class Pipeline:
         sampling = replace(request.sampling, max_tokens=max_tokens)
         constraint = self._grammar(request, prompt_ids, sampling)
         if constraint is not None:
-            sampling = replace(sampling, logits_processors=(constraint.make_processor,))
+            sampling = constraint.apply(sampling)
         return Prepared(request, engine, strategy, prompt, prompt_ids, sampling, meter, rendered, details, constraint)
 
     def _grammar(
@@ -115,18 +115,19 @@ class Pipeline:
                 param="alignment.grammar",
             )
         engine = request.engine
+        info = engine.info
         tokenizer = getattr(engine, "tokenizer", None)
-        if not engine.info.supports_logits_processors or tokenizer is None:
+        in_workers = "grammar" in info.worker_plugins
+        if not (info.supports_logits_processors or in_workers) or tokenizer is None:
             raise InvalidRequestError(
-                f"The model `{engine.info.name}` cannot run grammar processors (vLLM workers need the alignd plugin).",
+                f"The model `{info.name}` cannot run grammar processors: its vLLM workers do not load alignd's "
+                "grammar plugin (`vllm.grammar_plugin: false`).",
                 param="alignment.grammar",
             )
-        compiler = self.grammars.compiler(
-            engine.info.name, tokenizer.hf, engine.info.vocab_size, sorted(engine.info.eos_token_ids)
-        )
+        compiler = self.grammars.compiler(info.name, tokenizer.hf, info.vocab_size, sorted(info.eos_token_ids))
         return self.grammars.constraint(
-            engine.info.name, compiler, params, prompt_ids=prompt_ids, max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature, top_p=sampling.top_p,
+            info.name, compiler, params, prompt_ids=prompt_ids, sampling=sampling,
+            stop_ids=info.eos_token_ids, in_workers=in_workers,
         )  # fmt: skip
 
     def _strategy(self, request: AlignedRequest, meter: UsageMeter) -> Strategy:

@@ -32,7 +32,7 @@ class PlainStrategy:
         for sample in completion.samples:
             candidate = Candidate(sample.text, sample.token_ids, sample.finish_reason, sample.logprobs)
             if prepared.constraint is not None:
-                grammar = prepared.constraint.details(sample.index)
+                grammar = prepared.constraint.details(sample.token_ids)
                 candidate.details["grammar"] = grammar
                 if not grammar.complete:
                     candidate.finish_reason = "length"  # cut off before the grammar could complete

@@ -52,10 +52,9 @@ async def per_token_ms(engine: HFEngine, service: GrammarService, grammar: Gramm
         if grammar is not None:
             constraint = service.constraint(
                 info.name, compiler, grammar.model_copy(update={"mode": mode}), prompt_ids=prompt_ids,
-                max_tokens=max_tokens, temperature=1.0, top_p=1.0,
+                sampling=params, stop_ids=info.eos_token_ids, in_workers=False,
             )  # fmt: skip
-            params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed,
-                                    logits_processors=(constraint.make_processor,))  # fmt: skip
+            params = constraint.apply(params)
         started = time.perf_counter()
         completion = await engine.generate(prompt_ids, params)
         seconds += time.perf_counter() - started
@@ -72,12 +71,12 @@ async def trie_after(engine: HFEngine, grammar: GrammarParams, samples: int, max
     before = tracemalloc.get_traced_memory()[0]
     roots = []
     for seed in range(samples):
+        params = SamplingParams(max_tokens=max_tokens, seed=seed)
         constraint = service.constraint(
             info.name, compiler, grammar.model_copy(update={"mode": "asap"}), prompt_ids=prompt_ids,
-            max_tokens=max_tokens, temperature=1.0, top_p=1.0,
+            sampling=params, stop_ids=info.eos_token_ids, in_workers=False,
         )  # fmt: skip
-        params = SamplingParams(max_tokens=max_tokens, seed=seed, logits_processors=(constraint.make_processor,))
-        await engine.generate(prompt_ids, params)
+        await engine.generate(prompt_ids, constraint.apply(params))
         assert constraint.trie is not None
         roots.append(constraint.trie.root.efg)
     used = tracemalloc.get_traced_memory()[0] - before

@@ -42,6 +42,11 @@ class SamplingParams:
     ``logprobs``/``prompt_logprobs`` ask for the chosen token plus that many
     alternatives (0 = the chosen token only). Returned logprobs are the
     model's raw log-softmax, before temperature, top-p and processors.
+
+    In-process engines run ``logits_processors``; vLLM engines send
+    ``worker_args`` to their workers' plugins (``vllm_xargs``) instead.
+    ``affinity`` sends every call with the same key to the same replica (a
+    plugin's per-key state lives in one worker), overriding the request's own.
     """
 
     max_tokens: int = 16
@@ -53,6 +58,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logits_processors: tuple[LogitsProcessorFactory, ...] = ()
+    worker_args: Mapping[str, str] = field(default_factory=dict)
+    affinity: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +126,9 @@ class EngineInfo:
     vocab_size: int = 0
     """The width of the model's logits."""
     supports_logits_processors: bool = False
+    """In-process: ``SamplingParams.logits_processors`` run inside the engine."""
+    worker_plugins: frozenset[str] = frozenset()
+    """vLLM: the alignd plugins the workers load (``SamplingParams.worker_args`` reach them)."""
 
 
 class Engine(Protocol):

@@ -84,10 +84,12 @@ class ReplicaSet:
             self._bind(key, chosen)
         return chosen
 
-    async def call(self, operation: Callable[[Replica], Awaitable[T]], *, idempotent: bool = True) -> T:
-        """Runs ``operation`` on the chosen replica; an idempotent call that cannot reach it is
-        retried once on another replica."""
-        key = request_affinity.get()
+    async def call(
+        self, operation: Callable[[Replica], Awaitable[T]], *, idempotent: bool = True, affinity: str | None = None
+    ) -> T:
+        """Runs ``operation`` on the chosen replica (``affinity``, else the request's); an idempotent
+        call that cannot reach it is retried once on another replica."""
+        key = affinity or request_affinity.get()
         replica = self.pick(key)
         for attempt in range(2):
             try:
@@ -97,10 +99,12 @@ class ReplicaSet:
                 replica = self._after_failure(key, replica, exc, retry=idempotent and attempt == 0)
         raise AssertionError("unreachable: the second failure raises")
 
-    async def stream(self, operation: Callable[[Replica], AsyncGenerator[T, None]]) -> AsyncGenerator[T, None]:
-        """Streams ``operation`` from the chosen replica; retried once on another replica only if
-        the first failed before it produced anything."""
-        key = request_affinity.get()
+    async def stream(
+        self, operation: Callable[[Replica], AsyncGenerator[T, None]], *, affinity: str | None = None
+    ) -> AsyncGenerator[T, None]:
+        """Streams ``operation`` from the chosen replica (``affinity``, else the request's); retried
+        once on another replica only if the first failed before it produced anything."""
+        key = affinity or request_affinity.get()
         replica = self.pick(key)
         for attempt in range(2):
             produced = False

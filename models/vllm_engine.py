@@ -39,6 +39,7 @@ class VLLMEngine(TokenizerEngineMixin):
         served_name: the name the workers serve the model under.
         max_model_len: the context limit, as the workers report it.
         max_logprobs: the workers' ``--max-logprobs``.
+        worker_plugins: the alignd plugins the workers load (e.g. ``grammar``).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class VLLMEngine(TokenizerEngineMixin):
         served_name: str,
         max_model_len: int,
         max_logprobs: int,
+        worker_plugins: frozenset[str] = frozenset(),
     ) -> None:
         self.tokenizer = tokenizer
         self.service = service
@@ -61,11 +63,20 @@ class VLLMEngine(TokenizerEngineMixin):
             has_chat_template=tokenizer.has_chat_template,
             tokenizer_id=tokenizer.fingerprint,
             eos_token_ids=tokenizer.eos_ids,
+            vocab_size=tokenizer.vocab_size,
+            worker_plugins=worker_plugins,
         )
 
     @classmethod
     async def create(
-        cls, name: str, tokenizer: Tokenizer, service: VLLMService, *, served_name: str, max_logprobs: int
+        cls,
+        name: str,
+        tokenizer: Tokenizer,
+        service: VLLMService,
+        *,
+        served_name: str,
+        max_logprobs: int,
+        worker_plugins: frozenset[str] = frozenset(),
     ) -> VLLMEngine:
         """Asks the workers for the served model's context length."""
         models = await service.get_json("/v1/models")
@@ -74,8 +85,9 @@ class VLLMEngine(TokenizerEngineMixin):
             raise RuntimeError(f"the workers of `{name}` serve {sorted(cards)}, not `{served_name}`")
         max_model_len = int(cards[served_name]["max_model_len"])
         return cls(
-            name, tokenizer, service, served_name=served_name, max_model_len=max_model_len, max_logprobs=max_logprobs
-        )
+            name, tokenizer, service, served_name=served_name, max_model_len=max_model_len,
+            max_logprobs=max_logprobs, worker_plugins=worker_plugins,
+        )  # fmt: skip
 
     @property
     def info(self) -> EngineInfo:
@@ -83,7 +95,8 @@ class VLLMEngine(TokenizerEngineMixin):
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
         prompt_ids = await self._prompt_ids(prompt)
-        response = await self.service.post_json("/v1/completions", self._body(prompt_ids, params, stream=False))
+        body = self._body(prompt_ids, params, stream=False)
+        response = await self.service.post_json("/v1/completions", body, affinity=params.affinity)
         choices = sorted(response["choices"], key=lambda choice: choice["index"])
         samples = [self._sample(choice, params) for choice in choices]
         prompt_logprobs = None
@@ -95,7 +108,7 @@ class VLLMEngine(TokenizerEngineMixin):
         """One request for every prompt: vLLM numbers the choices prompt by prompt, ``n`` each."""
         batch = [await self._prompt_ids(prompt) for prompt in prompts]
         body = {**self._body(batch[0], params, stream=False), "prompt": batch}
-        response = await self.service.post_json("/v1/completions", body)
+        response = await self.service.post_json("/v1/completions", body, affinity=params.affinity)
         choices = sorted(response["choices"], key=lambda choice: choice["index"])
         completions = []
         for position, prompt_ids in enumerate(batch):
@@ -107,7 +120,7 @@ class VLLMEngine(TokenizerEngineMixin):
     async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
         prompt_ids = await self._prompt_ids(prompt)
         body = self._body(prompt_ids, params, stream=True)
-        async with aclosing(self.service.stream_json("/v1/completions", body)) as chunks:
+        async with aclosing(self.service.stream_json("/v1/completions", body, affinity=params.affinity)) as chunks:
             async for chunk in chunks:
                 for choice in chunk.get("choices", []):
                     yield SampleDelta(
@@ -146,6 +159,8 @@ class VLLMEngine(TokenizerEngineMixin):
             body["logprobs"] = params.logprobs
         if params.prompt_logprobs is not None and not stream:
             body["prompt_logprobs"] = params.prompt_logprobs
+        if params.worker_args:
+            body["vllm_xargs"] = dict(params.worker_args)
         return body
 
     def _sample(self, choice: dict[str, Any], params: SamplingParams) -> Sample:

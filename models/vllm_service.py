@@ -106,17 +106,20 @@ class VLLMService:
 
         return await self.replicas.call(send)
 
-    async def post_json(self, path: str, body: dict[str, Any]) -> Any:
-        """POSTs ``body`` to one replica (failing over once if it is unreachable)."""
+    async def post_json(self, path: str, body: dict[str, Any], *, affinity: str | None = None) -> Any:
+        """POSTs ``body`` to one replica (failing over once if it is unreachable); ``affinity``
+        overrides the request's replica affinity."""
 
         async def send(replica: Replica) -> Any:
             with _translated(replica):
                 response = await self._client.post(f"{replica.url}{path}", json=body)
             return _checked(response).json()
 
-        return await self.replicas.call(send)
+        return await self.replicas.call(send, affinity=affinity)
 
-    def stream_json(self, path: str, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    def stream_json(
+        self, path: str, body: dict[str, Any], *, affinity: str | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """POSTs ``body`` and yields each SSE ``data`` object until ``[DONE]``.
 
         Closing the generator closes the connection, which makes vLLM abort the request.
@@ -136,7 +139,7 @@ class VLLMService:
                             raise _error_from(data, status=500)
                         yield data
 
-        return self.replicas.stream(events)
+        return self.replicas.stream(events, affinity=affinity)
 
     async def close(self) -> None:
         if self._watch is not None:

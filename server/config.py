@@ -33,6 +33,11 @@ class VLLMConfig(BaseModel):
     )
     args: list[str] = Field(default_factory=list, description="Managed: extra vLLM command-line arguments.")
     env: dict[str, str] = Field(default_factory=dict, description="Managed: extra environment variables.")
+    grammar_plugin: bool = Field(
+        default=True,
+        description="Generation workers run alignd's grammar plugin: managed ones are started with it; "
+        "for `urls`, say whether they were (`--logits-processors decoding.vllm_plugin:GrammarLogitsProcessor`).",
+    )
 
     @field_validator("urls")
     @classmethod

@@ -8,6 +8,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from decoding.grammar import VLLM_GRAMMAR_PLUGIN
 from decoding.guidelines import DEFAULT_LIBRARY, GuidelineLibrary
 from models.engine import Engine
 from models.errors import EngineUnavailableError, InvalidRequestError, ModelNotFoundError
@@ -41,6 +42,10 @@ async def build_engine(config: ModelConfig, settings: Settings) -> Engine:
 
     tokenizer = await asyncio.to_thread(Tokenizer, config.path, name=config.name)
     generation_args = ["--max-logprobs", str(settings.limits.max_logprobs), "--generation-config", "vllm"]
+    if config.vllm.grammar_plugin:
+        # Named on the command line as well as by the entry point: only processors named here get
+        # their output tokens in sync under async scheduling (the plugin ignores the duplicate).
+        generation_args += ["--logits-processors", VLLM_GRAMMAR_PLUGIN]
     service = await start_service(config.name, config.path, config.vllm, settings, generation_args, config)
     return await VLLMEngine.create(
         config.name,
@@ -48,6 +53,7 @@ async def build_engine(config: ModelConfig, settings: Settings) -> Engine:
         service,
         served_name=config.vllm.served_name or config.name,
         max_logprobs=settings.limits.max_logprobs,
+        worker_plugins=frozenset({"grammar"}) if config.vllm.grammar_plugin else frozenset(),
     )
 
 

@@ -58,15 +58,3 @@ def test_streaming_plain_and_selected(client: openai.OpenAI):
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert any(chunk.choices and chunk.choices[0].finish_reason for chunk in chunks)
-
-
-def test_grammar_on_vllm_workers_is_a_clear_400(vllm_gateway: RemoteAligndServer):
-    body = {
-        "model": "tiny-base",
-        "prompt": "x",
-        "max_tokens": 4,
-        "alignment": {"grammar": {"syntax": "regex", "grammar": "(yes|no)"}},
-    }
-    response = httpx.post(f"{vllm_gateway.url}/v1/completions", json=body, timeout=30)
-    assert response.status_code == 400
-    assert response.json()["error"]["param"] == "alignment.grammar"

