@@ -16,8 +16,23 @@ import torch
 import xgrammar
 from scipy.stats import chisquare
 
-from decoding.grammar import EFGStore, EFGTrie, GrammarCompiler, GrammarLogitsProcessor, GrammarParams
-from models.errors import InvalidRequestError
+from decoding.alignment import parse_alignment
+from decoding.base import Limits, PromptInput
+from decoding.grammar import (
+    WORKER_ARG,
+    EFGStore,
+    EFGTrie,
+    GrammarCompiler,
+    GrammarConstraint,
+    GrammarLogitsProcessor,
+    GrammarParams,
+    GrammarService,
+)
+from decoding.guidelines import GuidelineRetriever
+from decoding.pipeline import AlignedRequest, Pipeline
+from models.engine import SamplingParams
+from models.errors import InvalidRequestError, UpstreamError
+from tests.fakes import CategoricalEngine, FakeResources
 
 STOP = 2
 GRAMMAR = GrammarParams(syntax="ebnf", grammar='root ::= "00000" | "1" [01] [01] [01] [01]')
@@ -201,3 +216,49 @@ def test_oversized_grammars_are_rejected():
     compiler = GrammarCompiler(info, vocab_size=3, stop_ids=[STOP], max_grammar_bytes=10)
     with pytest.raises(InvalidRequestError, match="at most 10"):
         compiler.compile(GRAMMAR)
+
+
+# Where the grammar runs, and what the gateway learns from each output --------------------------
+
+
+def toy_constraint(mode: str, *, in_workers: bool) -> GrammarConstraint:
+    info = xgrammar.TokenizerInfo(["0", "1", "</s>"], stop_token_ids=[STOP])
+    compiler = GrammarCompiler(info, vocab_size=3, stop_ids=[STOP])
+    return GrammarService().constraint(
+        "toy", compiler, GRAMMAR.model_copy(update={"mode": mode}), prompt_ids=[0],
+        sampling=SamplingParams(max_tokens=MAX_TOKENS), stop_ids=frozenset({STOP}), in_workers=in_workers,
+    )  # fmt: skip
+
+
+def test_in_workers_the_grammar_travels_as_vllm_xargs_and_asap_pins_one_replica():
+    for mode in ("asap", "gcd"):
+        constraint = toy_constraint(mode, in_workers=True)
+        sampling = constraint.apply(SamplingParams(max_tokens=MAX_TOKENS))
+        assert GrammarParams.model_validate_json(sampling.worker_args[WORKER_ARG]) == constraint.params
+        assert sampling.affinity == (constraint.key if mode == "asap" else None)
+        assert sampling.logits_processors == () and constraint.trie is None  # the worker holds the trie
+    in_process = toy_constraint("asap", in_workers=False).apply(SamplingParams())
+    assert in_process.worker_args == {} and len(in_process.logits_processors) == 1
+
+
+def test_replaying_an_output_tells_complete_from_cut_off_and_catches_an_unconstrained_worker():
+    constraint = toy_constraint("gcd", in_workers=True)
+    assert constraint.details([1, 0, 1, 1, 0, STOP]).complete
+    assert constraint.details([1, 0, 1, 1, 0]).complete  # a whole sentence, cut at max_tokens exactly
+    assert not constraint.details([0, 0]).complete  # cut off
+    assert not constraint.details([0, 0, STOP]).complete  # ended early at a dead end
+    with pytest.raises(UpstreamError, match="grammar plugin"):
+        constraint.details([0, 1, 0])
+
+
+async def test_a_model_without_processors_or_the_plugin_is_a_400():
+    request = AlignedRequest(
+        engine=CategoricalEngine({"a": 1.0}),
+        prompt=PromptInput(text="x"),
+        sampling=SamplingParams(),
+        alignment=parse_alignment({"grammar": {"syntax": "regex", "grammar": "a"}}),
+    )
+    pipe = Pipeline(FakeResources(), GuidelineRetriever({}), Limits())
+    with pytest.raises(InvalidRequestError, match="grammar plugin") as error:
+        await pipe.prepare(request)
+    assert error.value.param == "alignment.grammar"
