@@ -41,6 +41,8 @@ class Limits:
     max_nudging_rounds: int = 150
     max_transfer_q_work: int = 20_000
     """Transfer-Q*: top_k x rollouts x (rollout_tokens + 1) x decision steps."""
+    max_request_work: int = 262_144
+    """Any request: samples x max_tokens x models (see ``Prepared.work``)."""
 
 
 class MethodParams(BaseModel):
@@ -82,10 +84,14 @@ class MeteredResources:
         self.meter = meter
 
     def engine(self, name: str, *, param: str) -> Engine:
-        return MeteredEngine(self._resources.engine(name, param=param), self.meter)
+        engine = MeteredEngine(self._resources.engine(name, param=param), self.meter)
+        self.meter.models.add(name)
+        return engine
 
     def scorer(self, name: str, *, param: str) -> Scorer:
-        return self._resources.scorer(name, param=param)
+        scorer = self._resources.scorer(name, param=param)
+        self.meter.models.add(name)
+        return scorer
 
 
 @dataclass(slots=True)
@@ -100,6 +106,8 @@ class UsageMeter:
 
     by_model: dict[str, ModelUsage] = field(default_factory=dict)
     engine_calls: int = 0
+    models: set[str] = field(default_factory=set)
+    """Every engine and scorer the request resolved, known before any work."""
 
     def record(self, model: str, *, prompt: int, completion: int) -> None:
         usage = self.by_model.setdefault(model, ModelUsage())
@@ -202,6 +210,17 @@ class Prepared:
     async def prompt_text(self) -> str:
         """The base model's prompt as text (chat: its template applied): what reward models see."""
         return self.rendered if self.rendered is not None else await self.engine.detokenize(self.prompt_ids)
+
+    @property
+    def samples(self) -> int:
+        """Samples the strategy draws: best-of-N's candidates, else ``n``."""
+        selection = self.request.alignment.best_of_n
+        return selection.n if selection is not None else self.sampling.n
+
+    @property
+    def work(self) -> int:
+        """The compute the request asked for: samples x max_tokens x models (generating engines and scorers)."""
+        return self.samples * self.sampling.max_tokens * len(self.meter.models)
 
     @property
     def streams_directly(self) -> bool:

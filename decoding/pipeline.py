@@ -38,7 +38,7 @@ from decoding.guidelines import GuidelineRetriever
 from decoding.plain import PlainStrategy
 from decoding.registry import METHODS
 from models.engine import Engine, SampleDelta, SamplingParams
-from models.errors import ContextLengthExceededError, InvalidRequestError
+from models.errors import ContextLengthExceededError, InvalidRequestError, WorkBudgetExceededError
 
 
 @dataclass(slots=True)
@@ -83,14 +83,15 @@ class Pipeline:
 
     async def prepare(self, request: AlignedRequest) -> Prepared:
         alignment = request.alignment
-        self._check_selection(request)
-        meter = UsageMeter()
+        meter = UsageMeter(models={request.engine.info.name})
+        resources = MeteredResources(self.resources, meter)
+        self._check_selection(request, resources)
         details: dict[str, BaseModel] = {}
         prompt = request.prompt
         if alignment.guidelines is not None:
             prompt, details["guidelines"] = self.retriever.apply(prompt, alignment.guidelines)
         engine = MeteredEngine(request.engine, meter)
-        strategy = self._strategy(request, meter)
+        strategy = self._strategy(request, resources)
         rendered = await strategy.render(engine, prompt)
         prompt_ids = await _prompt_ids(engine, prompt, rendered)
         max_tokens = self._max_tokens(engine, len(prompt_ids), request)
@@ -98,7 +99,24 @@ class Pipeline:
         constraint = self._grammar(request, prompt_ids, sampling)
         if constraint is not None:
             sampling = constraint.apply(sampling)
-        return Prepared(request, engine, strategy, prompt, prompt_ids, sampling, meter, rendered, details, constraint)
+        prepared = Prepared(
+            request, engine, strategy, prompt, prompt_ids, sampling, meter, rendered, details, constraint
+        )
+        self._check_work(prepared)
+        return prepared
+
+    def _check_work(self, prepared: Prepared) -> None:
+        """Refuses, before any generation, a request that asks for more compute than the server allows."""
+        limit = self.limits.max_request_work
+        if prepared.work <= limit:
+            return
+        name = prepared.request.budget_param
+        raise WorkBudgetExceededError(
+            f"This request asks for {prepared.samples} samples x {prepared.sampling.max_tokens} tokens x "
+            f"{len(prepared.meter.models)} models = {prepared.work}, above the server's budget of {limit} "
+            f"per request. Lower `{name}`, `n` or `alignment.best_of_n.n`.",
+            param=name,
+        )
 
     def _grammar(
         self, request: AlignedRequest, prompt_ids: list[int], sampling: SamplingParams
@@ -130,7 +148,7 @@ class Pipeline:
             stop_ids=info.eos_token_ids, in_workers=in_workers,
         )  # fmt: skip
 
-    def _strategy(self, request: AlignedRequest, meter: UsageMeter) -> Strategy:
+    def _strategy(self, request: AlignedRequest, resources: MeteredResources) -> Strategy:
         """The request's generation strategy; its models are resolved (and metered) now."""
         chosen = request.alignment.strategy()
         if chosen is None:
@@ -138,7 +156,7 @@ class Pipeline:
         name, params = chosen
         build = METHODS[name].strategy
         assert build is not None
-        return build(params, MeteredResources(self.resources, meter), self.limits)
+        return build(params, resources, self.limits)
 
     async def run(self, prepared: Prepared) -> PipelineResult:
         selection = prepared.request.alignment.best_of_n
@@ -182,7 +200,7 @@ class Pipeline:
             chosen.append(candidate)
         return chosen
 
-    def _check_selection(self, request: AlignedRequest) -> None:
+    def _check_selection(self, request: AlignedRequest, resources: MeteredResources) -> None:
         params = request.alignment.best_of_n
         if params is None:
             return
@@ -195,7 +213,7 @@ class Pipeline:
             raise InvalidRequestError(
                 f"`n` ({request.sampling.n}) cannot exceed the {params.n} candidates of best_of_n.", param="n"
             )
-        best_of_n.scorers_for(params, self.resources)
+        best_of_n.scorers_for(params, resources)
 
     def _max_tokens(self, engine: Engine, prompt_tokens: int, request: AlignedRequest) -> int:
         """The token budget, checked against the context: the request's, else what is left (capped)."""

@@ -8,8 +8,10 @@ JSON in exactly one place (``server.errors``).
 AligndError (500, internal_error)
 ├── InvalidRequestError (400, invalid_request_error)
 │   ├── ContextLengthExceededError (400, context_length_exceeded)
+│   ├── WorkBudgetExceededError (400, work_budget_exceeded)
 │   └── UnsupportedParameterError (400, unsupported_parameter)
 ├── ModelNotFoundError (404, model_not_found)
+├── OverloadedError (429, model_overloaded; sends Retry-After)
 ├── EngineUnavailableError (503, service_unavailable)
 └── UpstreamError (502, upstream_error)
 """
@@ -29,6 +31,11 @@ class AligndError(Exception):
         self.message = message
         self.param = param
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the error response carries."""
+        return {}
+
 
 class InvalidRequestError(AligndError):
     """The request is malformed or asks for something that cannot be done."""
@@ -42,6 +49,12 @@ class ContextLengthExceededError(InvalidRequestError):
     """Prompt plus requested tokens do not fit the model's context."""
 
     code = "context_length_exceeded"
+
+
+class WorkBudgetExceededError(InvalidRequestError):
+    """Samples x tokens x models exceeds the server's per-request compute budget."""
+
+    code = "work_budget_exceeded"
 
 
 class UnsupportedParameterError(InvalidRequestError):
@@ -59,6 +72,22 @@ class ModelNotFoundError(AligndError):
 
     def __init__(self, model: str) -> None:
         super().__init__(f"The model `{model}` does not exist on this server.", param="model")
+
+
+class OverloadedError(AligndError):
+    """The model has as many requests in flight and queued as the server admits; try again later."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "model_overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class EngineUnavailableError(AligndError):

@@ -12,6 +12,7 @@ from decoding.base import Limits
 from decoding.grammar import GrammarService
 from decoding.guidelines import GuidelineRetriever
 from decoding.pipeline import Pipeline
+from server.admission import AdmissionController
 from server.config import Settings
 from server.engines import ModelRegistry
 from server.errors import install_error_handlers
@@ -42,6 +43,8 @@ def build_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.admission = AdmissionController(settings.admission, metrics)
+    metrics.admission_limits.labels(limit="request_work").set(settings.limits.max_request_work)
     limits = settings.limits
     pipeline = Pipeline(
         registry,
@@ -51,6 +54,7 @@ def build_app(settings: Settings) -> FastAPI:
             max_best_of_n=limits.max_best_of_n,
             max_nudging_rounds=limits.max_nudging_rounds,
             max_transfer_q_work=limits.max_transfer_q_work,
+            max_request_work=limits.max_request_work,
         ),
         GrammarService(max_grammar_bytes=limits.max_grammar_bytes, max_trie_nodes=limits.max_trie_nodes),
     )

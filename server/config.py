@@ -164,8 +164,23 @@ class LimitsConfig(BaseModel):
     max_transfer_q_work: int = Field(
         default=20_000, ge=1, description="Transfer-Q*: top_k x rollouts x (rollout_tokens + 1) x decision steps."
     )
+    max_request_work: int = Field(
+        default=262_144,
+        ge=1,
+        description="Compute budget of one request: samples x max_tokens x models (generating engines and scorers).",
+    )
     max_logprobs: int = Field(default=20, ge=0)
     default_max_tokens: int = Field(default=256, ge=1, description="Chat `max_tokens` when the client sets none.")
+
+
+class AdmissionConfig(BaseModel):
+    """Load shedding per served model: a bounded number of requests in flight, a bounded queue before them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_in_flight_per_model: int = Field(default=64, ge=1, description="Requests served at once, streams included.")
+    max_queued_per_model: int = Field(default=256, ge=0, description="Requests waiting for a slot; beyond: 429.")
+    queue_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a slot; then 429.")
 
 
 class Settings(BaseSettings):
@@ -183,6 +198,7 @@ class Settings(BaseSettings):
     guidelines: GuidelinesConfig = GuidelinesConfig()
     profiles: list[ProfileConfig] = Field(default_factory=list)
     limits: LimitsConfig = LimitsConfig()
+    admission: AdmissionConfig = AdmissionConfig()
     workers: WorkersConfig = WorkersConfig()
 
     @classmethod

@@ -87,7 +87,7 @@ def _from_validation_error(exc: RequestValidationError) -> InvalidRequestError:
 async def error_response(request: Request, exc: Exception) -> JSONResponse:
     error = as_aligned_error(exc)
     request.state.error_type = error.error_type
-    return JSONResponse(error_payload(error), status_code=error.status_code)
+    return JSONResponse(error_payload(error), status_code=error.status_code, headers=error.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -46,6 +46,28 @@ class Metrics:
             "alignd_nudged_token_fraction", "Nudging: the fraction of answer tokens the nudger wrote.",
             ["model"], buckets=(0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0), registry=self.registry,
         )  # fmt: skip
+        self.admission_in_flight = Gauge(
+            "alignd_admission_in_flight", "Requests holding a slot of a model.", ["model"], registry=self.registry
+        )
+        self.admission_queued = Gauge(
+            "alignd_admission_queued", "Requests waiting for a slot of a model.", ["model"], registry=self.registry
+        )
+        self.admission_wait = Histogram(
+            "alignd_admission_wait_seconds", "Time a request waited for its slot.", ["model"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.admission_rejected = Counter(
+            "alignd_admission_rejected", "Requests refused before any work: queue_full and queue_timeout (429), "
+            "work_budget (400).", ["model", "reason"], registry=self.registry,
+        )  # fmt: skip
+        self.admission_limits = Gauge(
+            "alignd_admission_limit", "The configured admission bounds and per-request compute budget.", ["limit"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.request_work = Histogram(
+            "alignd_request_work", "Compute a request asked for: samples x max_tokens x models.", ["model"],
+            buckets=tuple(4**k for k in range(2, 11)), registry=self.registry,
+        )  # fmt: skip
         self.decision_steps = Counter(
             "alignd_transfer_q_decision_steps", "Transfer-Q*: decision steps taken.", ["model"], registry=self.registry
         )

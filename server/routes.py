@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -9,6 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from models.errors import EngineUnavailableError
+from server.admission import AdmissionTicket
 from server.disconnect import cancel_on_disconnect
 from server.engines import ModelRegistry
 from server.errors import error_payload
@@ -34,10 +36,21 @@ def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+async def _admission_ticket(request: Request) -> AsyncIterator[AdmissionTicket]:
+    """The request's admission ticket. FastAPI runs the code after ``yield`` once the response has been
+    sent (a stream: its last byte) or the request has failed or been cancelled, so a slot is always freed."""
+    ticket = request.app.state.admission.ticket()
+    try:
+        yield ticket
+    finally:
+        ticket.release()
+
+
 CompletionHandlerDep = Annotated[CompletionHandler, Depends(_completion_handler)]
 ChatHandlerDep = Annotated[ChatCompletionHandler, Depends(_chat_handler)]
 RegistryDep = Annotated[ModelRegistry, Depends(_registry)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
+TicketDep = Annotated[AdmissionTicket, Depends(_admission_ticket)]
 
 openai_router = APIRouter(prefix="/v1")
 ops_router = APIRouter()
@@ -57,13 +70,17 @@ async def list_models(request: Request, registry: RegistryDep) -> ModelList:
 
 
 @openai_router.post("/completions", response_model=None)
-async def create_completion(body: CompletionRequest, request: Request, handler: CompletionHandlerDep) -> Any:
-    return await cancel_on_disconnect(request, handler.create(body, request))
+async def create_completion(
+    body: CompletionRequest, request: Request, handler: CompletionHandlerDep, ticket: TicketDep
+) -> Any:
+    return await cancel_on_disconnect(request, handler.create(body, request, ticket))
 
 
 @openai_router.post("/chat/completions", response_model=None)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, handler: ChatHandlerDep) -> Any:
-    return await cancel_on_disconnect(request, handler.create(body, request))
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, handler: ChatHandlerDep, ticket: TicketDep
+) -> Any:
+    return await cancel_on_disconnect(request, handler.create(body, request, ticket))
 
 
 @ops_router.get("/health")

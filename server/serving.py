@@ -17,7 +17,8 @@ from decoding.alignment import parse_alignment
 from decoding.base import Candidate, PromptInput
 from decoding.pipeline import AlignedRequest, Pipeline, PipelineResult, Prepared
 from models.engine import Engine, SampleDelta, SamplingParams
-from models.errors import InvalidRequestError
+from models.errors import InvalidRequestError, WorkBudgetExceededError
+from server.admission import AdmissionTicket
 from server.config import LimitsConfig, ProfileConfig
 from server.engines import ModelRegistry
 from server.errors import as_aligned_error, error_payload
@@ -51,6 +52,7 @@ class OpenAIServing:
     async def prepare(
         self,
         raw: Request,
+        ticket: AdmissionTicket,
         *,
         model: str,
         prompt: PromptInput,
@@ -60,7 +62,9 @@ class OpenAIServing:
         budget_param: str = "max_tokens",
         logprobs_param: str = "logprobs",
     ) -> Prepared:
-        """Resolves the model (or profile), validates limits and alignment, runs the prompt stage."""
+        """Resolves the model (or profile) and checks the request's own fields; then waits for an admission
+        slot of the model, and validates limits, alignment and the compute budget while running the prompt
+        stage. Cheap checks come first so bad input is refused without queueing."""
         profile = self.profiles.get(model)
         engine = self.registry.get(profile.model if profile else model)
         raw.state.model = model
@@ -74,7 +78,14 @@ class OpenAIServing:
             requested_max_tokens=requested_max_tokens,
             budget_param=budget_param,
         )
-        return await self.pipeline.prepare(request)
+        await ticket.admit(engine.info.name)
+        try:
+            prepared = await self.pipeline.prepare(request)
+        except WorkBudgetExceededError:
+            self.metrics.admission_rejected.labels(model=engine.info.name, reason="work_budget").inc()
+            raise
+        self.metrics.request_work.labels(model=engine.info.name).observe(prepared.work)
+        return prepared
 
     def _check_n(self, n: int) -> None:
         if n > self.limits.max_n:

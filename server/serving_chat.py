@@ -12,6 +12,7 @@ from decoding.base import PromptInput
 from decoding.pipeline import Candidate, Prepared, details_json
 from models.engine import SampleDelta, TokenLogprob
 from models.errors import InvalidRequestError
+from server.admission import AdmissionTicket
 from server.protocol import (
     ChatChoiceLogprobs,
     ChatChunkChoice,
@@ -33,12 +34,13 @@ class ChatCompletionHandler(OpenAIServing):
     route = "/v1/chat/completions"
 
     async def create(
-        self, request: ChatCompletionRequest, raw: Request
+        self, request: ChatCompletionRequest, raw: Request, ticket: AdmissionTicket
     ) -> ChatCompletionResponse | EventSourceResponse:
         if request.top_logprobs is not None and not request.logprobs:
             raise InvalidRequestError("`top_logprobs` requires `logprobs` to be true.", param="top_logprobs")
         prepared = await self.prepare(
             raw,
+            ticket,
             model=request.model,
             prompt=PromptInput(messages=[message.to_template() for message in request.messages]),
             sampling=request.sampling_params(logprobs=(request.top_logprobs or 0) if request.logprobs else None),

@@ -11,6 +11,7 @@ from sse_starlette import EventSourceResponse
 from decoding.base import PromptInput
 from decoding.pipeline import Candidate, Prepared, details_json
 from models.engine import SampleDelta, TokenLogprob
+from server.admission import AdmissionTicket
 from server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -27,7 +28,9 @@ LogprobEntry = tuple[str, TokenLogprob | None]
 class CompletionHandler(OpenAIServing):
     route = "/v1/completions"
 
-    async def create(self, request: CompletionRequest, raw: Request) -> CompletionResponse | EventSourceResponse:
+    async def create(
+        self, request: CompletionRequest, raw: Request, ticket: AdmissionTicket
+    ) -> CompletionResponse | EventSourceResponse:
         prompt = (
             PromptInput(text=request.prompt)
             if isinstance(request.prompt, str)
@@ -35,6 +38,7 @@ class CompletionHandler(OpenAIServing):
         )
         prepared = await self.prepare(
             raw,
+            ticket,
             model=request.model,
             prompt=prompt,
             sampling=request.sampling_params(

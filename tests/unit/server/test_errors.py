@@ -6,7 +6,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 import models.errors
-from models.errors import AligndError, ModelNotFoundError
+from models.errors import AligndError, ModelNotFoundError, OverloadedError
 from server.errors import ClientDisconnectedError, InternalServerError, RouteError, as_aligned_error, error_payload
 from server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -27,6 +27,8 @@ def instance(cls: type[AligndError]) -> AligndError:
         return cls("Not Found", 404)
     if cls in (InternalServerError, ClientDisconnectedError):
         return cls()
+    if cls is OverloadedError:
+        return cls("busy", retry_after_s=3)
     return cls("something went wrong", param="field")
 
 
