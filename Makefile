@@ -5,8 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.alignd-installed
 # Optional: `make serve CONFIG=deploy/hf-models.example.yaml`
 CONFIG ?=
+# `make loadtest STACK=vllm-cpu USERS=16 DURATION=10m`
+STACK ?= embedded
+USERS ?= 8
+DURATION ?= 60s
 
-.PHONY: install serve test lint clean
+.PHONY: install serve test lint loadtest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +36,14 @@ lint: $(STAMP)
 
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
+
+# A local stack under locust for a bounded time; CSV, HTML and a JSON summary in loadtest/results/locust/.
+loadtest: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.run_locust --stack $(STACK) --users $(USERS) --duration $(DURATION)
+
+# Every benchmark in one run: loadtest/results/bench.json and PNG plots (about 30 minutes on 2 CPU cores).
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
