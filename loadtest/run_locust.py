@@ -118,7 +118,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=8, help="concurrent users (closed loop)")
     parser.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default: all)")
     parser.add_argument("--duration", default="60s", help="locust --run-time: 30s, 10m, ...")
-    parser.add_argument("--mix", default="plain=3,chat=2,best_of_4=1,guidelines=1,grammar=1,nudging=1")
+    parser.add_argument("--mix", default="plain=3,chat=2,best_of_4=1,guidelines=1,grammar=1,nudging=1",
+                        help="profile weights (see loadtest/locustfile.py)")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--memory-interval", type=float, default=5.0, help="seconds between gateway RSS samples")
     parser.add_argument("--output-dir", type=Path, default=HERE / "results" / "locust")
@@ -128,10 +129,9 @@ def main() -> None:
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     prefix = args.output_dir / (args.name or f"{'remote' if args.host else args.stack}-u{args.users}")
-    summary: dict[str, Any] = {"users": args.users, "duration": args.duration, "mix": args.mix,
-                               "max_tokens": args.max_tokens}  # fmt: skip
     load = {"users": args.users, "duration": args.duration, "mix": args.mix, "max_tokens": args.max_tokens,
             "spawn_rate": args.spawn_rate, "extra": args.locust_args}  # fmt: skip
+    summary: dict[str, Any] = {key: load[key] for key in ("users", "duration", "mix", "max_tokens")}
     if args.host:
         summary["host"] = args.host
         code = run_locust(args.host, prefix, **load)
