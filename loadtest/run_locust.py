@@ -45,14 +45,19 @@ def run_locust(
 
 
 def read_stats(prefix: Path) -> dict[str, Any]:
-    """Per profile: requests, failures, latency percentiles (ms), and the TTFT / ITL rows."""
+    """Per profile: requests served (not refused), refused (429), failures by cause, and latency, TTFT and ITL
+    percentiles (ms) of the served requests."""
     profiles: dict[str, Any] = {}
     with open(f"{prefix}_stats.csv", newline="") as stats:
         for row in csv.DictReader(stats):
             if row["Name"] == "Aggregated":
                 continue
+            entry = profiles.setdefault(row["Name"], {"failures": {}, "requests": 0, "failed": 0, "refused": 0,
+                                                      "requests_per_s": 0.0})  # fmt: skip
+            if row["Type"] == "REFUSED":
+                entry["refused"] = int(row["Request Count"])
+                continue
             metric = {"TTFT": "ttft_ms", "ITL": "itl_ms"}.get(row["Type"], "latency_ms")
-            entry = profiles.setdefault(row["Name"], {"failures": {}})
             entry[metric] = {"count": int(row["Request Count"]), "p50": _number(row["50%"]),
                              "p90": _number(row["90%"]), "p99": _number(row["99%"])}  # fmt: skip
             if metric == "latency_ms":
@@ -60,9 +65,9 @@ def read_stats(prefix: Path) -> dict[str, Any]:
                              requests_per_s=float(row["Requests/s"]))  # fmt: skip
     with open(f"{prefix}_failures.csv", newline="") as failures:
         for row in csv.DictReader(failures):
-            profiles.setdefault(row["Name"], {"failures": {}})["failures"][_cause(row["Error"])] = int(
-                row["Occurrences"]
-            )
+            failures_of = profiles[row["Name"]]["failures"]
+            cause = _cause(row["Error"])
+            failures_of[cause] = failures_of.get(cause, 0) + int(row["Occurrences"])
     return profiles
 
 
