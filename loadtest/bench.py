@@ -150,6 +150,7 @@ def plot(sweep_result: dict[str, Any], overhead: dict[str, Any] | None, output: 
     """Throughput, latency and refusals vs users per profile; gateway vs direct vLLM latency."""
     written = []
     figure, (throughput, latency, refused) = plt.subplots(1, 3, figsize=(16, 4.5))
+    others = sum(profile["non_429_failures"] for profile in sweep_result["profiles"].values())
     for name, profile in sweep_result["profiles"].items():
         rows = profile["rows"]
         users = [row["users"] for row in rows]
@@ -159,7 +160,7 @@ def plot(sweep_result: dict[str, Any], overhead: dict[str, Any] | None, output: 
         refused.plot(users, shares, marker="o", label=name)
     for axis, title, unit in ((throughput, "Throughput", "successful requests/s"),
                               (latency, "Latency of served requests (p50, until [DONE])", "ms"),
-                              (refused, "Refused with 429 (no other failures)", "% of requests")):  # fmt: skip
+                              (refused, f"Refused with 429 (other failures: {others})", "% of requests")):  # fmt: skip
         axis.set(xscale="log", xlabel="concurrent users", ylabel=unit, title=title)
         axis.set_xticks(sweep_result["levels"], [str(level) for level in sweep_result["levels"]])
         axis.grid(alpha=0.3)

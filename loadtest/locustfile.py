@@ -159,7 +159,7 @@ class AligndUser(HttpUser):
                 response.request_meta["request_type"] = "REFUSED"
                 return float(response.headers.get("retry-after") or 0)
             try:
-                arrivals, error, size = _read_events(response)
+                arrivals, finished, error, size = _read_events(response)
             except requests.RequestException as exc:
                 response.failure(f"stream broken: {type(exc).__name__}")
                 return 0.0
@@ -167,11 +167,13 @@ class AligndUser(HttpUser):
             response.request_meta["response_length"] = size
             if error is not None:
                 response.failure(f"error in stream: {error.get('code') or error.get('type')}")
-            elif not arrivals:
-                response.failure("no content")
+            elif not finished:
+                response.failure("stream ended without a finish_reason")
             else:
+                # A model may answer with nothing (its first token is EOS): served, but no token times.
                 response.success()
-                self._record_token_times(name, started, arrivals)
+                if arrivals:
+                    self._record_token_times(name, started, arrivals)
         return 0.0
 
     def _record_token_times(self, name: str, started: float, arrivals: list[float]) -> None:
@@ -183,9 +185,11 @@ class AligndUser(HttpUser):
                  exception=None, context={})  # fmt: skip
 
 
-def _read_events(response: requests.Response) -> tuple[list[float], dict[str, Any] | None, int]:
-    """Reads an OpenAI SSE stream: when each content chunk arrived, an error chunk if any, bytes read."""
+def _read_events(response: requests.Response) -> tuple[list[float], bool, dict[str, Any] | None, int]:
+    """Reads an OpenAI SSE stream: when each content chunk arrived, whether a choice finished, an error chunk if
+    any, and the bytes read."""
     arrivals: list[float] = []
+    finished = False
     size = 0
     for line in response.iter_lines():
         size += len(line) + 1
@@ -196,10 +200,12 @@ def _read_events(response: requests.Response) -> tuple[list[float], dict[str, An
             break
         chunk = json.loads(data)
         if "error" in chunk:
-            return arrivals, chunk["error"], size
-        if any(_content(choice) for choice in chunk.get("choices", ())):
+            return arrivals, finished, chunk["error"], size
+        choices = chunk.get("choices", ())
+        if any(_content(choice) for choice in choices):
             arrivals.append(time.perf_counter())
-    return arrivals, None, size
+        finished = finished or any(choice.get("finish_reason") for choice in choices)
+    return arrivals, finished, None, size
 
 
 def _content(choice: dict[str, Any]) -> str:
@@ -210,7 +216,7 @@ def _content(choice: dict[str, Any]) -> str:
 def _error_name(response: Any) -> str:
     """``429 model_overloaded``: the status and the OpenAI error code, so failures group by cause."""
     if response.status_code == 0:  # locust's stand-in when no response came (refused, timed out)
-        return f"no response: {type(response.error).__name__}"
+        return f"no response: {type(response.error).__name__}: {str(response.error)[:160]}"
     try:
         error = response.json().get("error", {})
     except ValueError:

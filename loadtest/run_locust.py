@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -76,8 +77,9 @@ def _number(text: str) -> float | None:
 
 
 def _cause(error: str) -> str:
-    # locust wraps messages: "CatchResponseError('429 model_overloaded')".
-    return error.split("(", 1)[-1].strip("')\"") if error.startswith("CatchResponseError(") else error
+    """The failure message without locust's wrapper: ``CatchResponseError('429 model_overloaded')``."""
+    wrapped = re.fullmatch(r"CatchResponseError\((['\"])(.*)\1\)", error, flags=re.DOTALL)
+    return wrapped.group(2) if wrapped else error
 
 
 class MemorySampler:

@@ -20,7 +20,8 @@ from models.errors import OverloadedError
 from server.config import AdmissionConfig
 from server.metrics import Metrics
 
-# A client should come back within a minute even when the estimate is larger.
+# A client should come back within a minute even when the estimate is larger (`Settings.keep_alive_s` is
+# longer, so its connection is still open then).
 MAX_RETRY_AFTER_S = 60
 # Weight of the newest service time in the running average that Retry-After is estimated from.
 SERVICE_TIME_WEIGHT = 0.2

@@ -61,7 +61,13 @@ def _serve(config: Path | None, *, host: str | None, port: int | None) -> int:
 
     from server.app import build_app
 
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_config=log_config)
+    uvicorn.run(
+        build_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=log_config,
+        timeout_keep_alive=settings.keep_alive_s,
+    )
     return 0
 
 

@@ -191,6 +191,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    keep_alive_s: int = Field(
+        default=75,
+        ge=1,
+        description="How long an idle client connection stays open. Longer than the longest Retry-After (60 s), "
+        "so a client that waits as told reuses its connection instead of racing the server's close.",
+    )
     model_root: Path = Field(default=Path("."), description="Base directory for relative model paths.")
     tiny_models: bool = Field(default=False, description="Build the tiny offline models into `model_root` if missing.")
     models: list[ModelConfig] = Field(min_length=1)

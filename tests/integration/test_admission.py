@@ -125,3 +125,4 @@ def test_the_bounds_are_visible_in_metrics(server: RemoteAligndServer):
     assert metric(server, 'alignd_admission_limit{limit="queued_per_model"}') == 1
     assert metric(server, 'alignd_admission_limit{limit="queue_timeout_seconds"}') == 0.5
     assert metric(server, 'alignd_admission_limit{limit="request_work"}') == 4096
+    assert metric(server, "process_resident_memory_bytes") > 0  # what a soak test watches

@@ -31,7 +31,7 @@ def test_a_short_locust_run_serves_every_profile(server: RemoteAligndServer, tmp
     for name in PROFILES:
         profile = summary["profiles"][name]
         assert profile["requests"] > 0 and profile["failed"] == 0, (name, profile)
-        assert profile["ttft_ms"]["count"] == profile["requests"]
+        assert 0 < profile["ttft_ms"]["count"] <= profile["requests"]  # an empty answer has no first token
         assert profile["latency_ms"]["p50"] >= profile["ttft_ms"]["p50"]
     assert summary["profiles"]["plain"]["itl_ms"]["count"] > 0  # token by token: gaps between chunks
     assert (tmp_path / "smoke.html").stat().st_size > 0
