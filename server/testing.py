@@ -35,13 +35,17 @@ class RemoteAligndServer:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        self._wait_ready(startup_timeout)
+        try:
+            self._wait_ready(startup_timeout)
+        except BaseException:
+            # Interrupted too (a test timeout, Ctrl-C): a server that never became ready must not outlive us.
+            self.stop()
+            raise
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                self.stop()
                 raise RuntimeError(f"alignd exited with {self.process.returncode}:\n{self.logs()}")
             try:
                 if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
@@ -49,7 +53,6 @@ class RemoteAligndServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.25)
-        self.stop()
         raise TimeoutError(f"alignd was not ready within {timeout} s:\n{self.logs()}")
 
     def logs(self) -> str:
@@ -69,7 +72,8 @@ class RemoteAligndServer:
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=15)
+                # Longer than the gateway's own 30 s for stopping its managed workers, so that they stop too.
+                self.process.wait(timeout=45)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=15)
