@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -26,7 +27,8 @@ DEFAULT_COMMAND = (sys.executable, "-m", "vllm.entrypoints.openai.api_server")
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
-    """What to launch for one model; ``args`` are vLLM command-line arguments."""
+    """What to launch for one model; ``args`` are vLLM command-line arguments, ``cpus`` the CPUs its
+    processes may run on (empty: any)."""
 
     name: str
     model_path: Path
@@ -34,6 +36,7 @@ class WorkerSpec:
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     command: tuple[str, ...] = DEFAULT_COMMAND
+    cpus: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +87,11 @@ class ManagedWorker:
         return self._process.pid if self._process and self._process.returncode is None else None
 
     def command(self) -> list[str]:
+        # taskset execs the server, so the pid and process group stay the worker's; its threads and child
+        # processes (engine core, model runner) inherit the CPU set.
+        pinned = ("taskset", "--cpu-list", ",".join(map(str, self.spec.cpus))) if self.spec.cpus else ()
         return [
+            *pinned,
             *self.spec.command,
             "--model", str(self.spec.model_path),
             "--served-model-name", self.spec.served_name,
@@ -114,6 +121,8 @@ class ManagedWorker:
             await process.wait()
 
     async def _spawn(self) -> None:
+        if self.spec.cpus and shutil.which("taskset") is None:
+            raise WorkerStartError(f"`cpus` of `{self.spec.name}` needs the `taskset` command (util-linux)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self._process = await asyncio.create_subprocess_exec(

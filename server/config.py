@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -33,6 +33,12 @@ class VLLMConfig(BaseModel):
     )
     args: list[str] = Field(default_factory=list, description="Managed: extra vLLM command-line arguments.")
     env: dict[str, str] = Field(default_factory=dict, description="Managed: extra environment variables.")
+    cpus: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list,
+        description="Managed: the CPUs the worker's processes run on (Linux, `taskset`); empty: any. On a CPU-only "
+        "host leave the gateway a core of its own: vLLM's busy-polling engine on every core delays the wake-ups of "
+        "every other process by seconds.",
+    )
     grammar_plugin: bool = Field(
         default=True,
         description="Generation workers run alignd's grammar plugin: managed ones are started with it; "

@@ -111,6 +111,7 @@ async def start_service(
         args=(*args, *vllm.args),
         env=vllm.env,
         command=tuple(vllm.command) if vllm.command else DEFAULT_COMMAND,
+        cpus=tuple(vllm.cpus),
     )
     supervision = Supervision(
         startup_timeout_s=workers.startup_timeout_s,
