@@ -16,15 +16,24 @@ import yaml
 
 from server.testing import RemoteAligndServer
 
-CPU_WORKER = {"args": ["--enforce-eager"], "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}}
+# Five workers importing torch and vLLM at once on 2 cores take minutes, more on a cold disk cache.
+STARTUP_TIMEOUT_S = 600
+# Every worker on CPU 0, the gateway and the clients keep the rest: with vLLM's engine busy-polling on
+# every core, the wake-ups of every other process (the gateway noticing a hang-up) come seconds late.
+CPU_WORKER = {
+    "args": ["--enforce-eager"],
+    "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
+    "cpus": [0],
+}
 
 
 def gateway_config(root: Path, logs: Path, embeddings: Path) -> dict[str, Any]:
     return {
         "model_root": str(root),
         "models": [
-            {"name": "tiny-base", "backend": "vllm", "path": "base", "max_model_len": 1024,
-             "vllm": {**CPU_WORKER, "replicas": 2}},
+            # Long enough for a generation that outlasts a hang-up; vLLM logs each request's start and abort.
+            {"name": "tiny-base", "backend": "vllm", "path": "base", "max_model_len": 2048,
+             "vllm": {**CPU_WORKER, "args": ["--enforce-eager", "--enable-log-requests"], "replicas": 2}},
             # A worker stricter than the gateway (2 logprobs, the gateway allows 20): its 400s reach clients.
             {"name": "tiny-chat", "backend": "vllm", "path": "chat", "max_model_len": 1024,
              "vllm": {**CPU_WORKER, "args": ["--enforce-eager", "--max-logprobs", "2"]}},
@@ -44,6 +53,14 @@ def gateway_config(root: Path, logs: Path, embeddings: Path) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Whichever e2e test runs first also waits for the workers to start: its time limit covers that."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.timeout(STARTUP_TIMEOUT_S + 300))
+
+
 @pytest.fixture(scope="session")
 def vllm_gateway(
     tiny_models: Path, embeddings_cache: Path, tmp_path_factory: pytest.TempPathFactory
@@ -52,7 +69,7 @@ def vllm_gateway(
     directory = tmp_path_factory.mktemp("vllm-gateway")
     config = directory / "alignd.yaml"
     config.write_text(yaml.safe_dump(gateway_config(tiny_models, directory / "workers", embeddings_cache)))
-    with RemoteAligndServer(config, directory / "alignd.log", startup_timeout=420) as live:
+    with RemoteAligndServer(config, directory / "alignd.log", startup_timeout=STARTUP_TIMEOUT_S) as live:
         yield live
 
 
