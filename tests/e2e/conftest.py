@@ -14,17 +14,11 @@ import openai
 import pytest
 import yaml
 
+from loadtest.stacks import CPU_WORKER
 from server.testing import RemoteAligndServer
 
 # Five workers importing torch and vLLM at once on 2 cores take minutes, more on a cold disk cache.
 STARTUP_TIMEOUT_S = 600
-# Every worker on CPU 0, the gateway and the clients keep the rest: with vLLM's engine busy-polling on
-# every core, the wake-ups of every other process (the gateway noticing a hang-up) come seconds late.
-CPU_WORKER = {
-    "args": ["--enforce-eager"],
-    "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
-    "cpus": [0],
-}
 
 
 def gateway_config(root: Path, logs: Path, embeddings: Path) -> dict[str, Any]:
@@ -33,10 +27,10 @@ def gateway_config(root: Path, logs: Path, embeddings: Path) -> dict[str, Any]:
         "models": [
             # Long enough for a generation that outlasts a hang-up; vLLM logs each request's start and abort.
             {"name": "tiny-base", "backend": "vllm", "path": "base", "max_model_len": 2048,
-             "vllm": {**CPU_WORKER, "args": ["--enforce-eager", "--enable-log-requests"], "replicas": 2}},
+             "vllm": {**CPU_WORKER, "args": [*CPU_WORKER["args"], "--enable-log-requests"], "replicas": 2}},
             # A worker stricter than the gateway (2 logprobs, the gateway allows 20): its 400s reach clients.
             {"name": "tiny-chat", "backend": "vllm", "path": "chat", "max_model_len": 1024,
-             "vllm": {**CPU_WORKER, "args": ["--enforce-eager", "--max-logprobs", "2"]}},
+             "vllm": {**CPU_WORKER, "args": [*CPU_WORKER["args"], "--max-logprobs", "2"]}},
             {"name": "tiny-chat-shared", "backend": "vllm", "path": "chat-shared", "max_model_len": 1024,
              "vllm": CPU_WORKER},
         ],

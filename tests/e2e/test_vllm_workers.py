@@ -142,7 +142,7 @@ def wait_idle(gateway: RemoteAligndServer) -> None:
 
 @pytest.fixture(scope="module")
 def full_request_tokens(vllm_gateway: RemoteAligndServer) -> float:
-    """What ``LONG_REQUEST`` generates upstream when nobody hangs up (~17 s here)."""
+    """What ``LONG_REQUEST`` generates upstream when nobody hangs up (8-24 s of generation here)."""
     before = generated_tokens(vllm_gateway)
     httpx.post(f"{vllm_gateway.url}/v1/completions", json=LONG_REQUEST, timeout=180).raise_for_status()
     wait_idle(vllm_gateway)
