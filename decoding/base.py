@@ -1,48 +1,46 @@
-"""What every alignment method shares: the prompt it sees, the resources it may use, usage metering.
+"""What every alignment method shares: the limits, the prompt, the models it may use, a generated answer.
 
 A method is a module in ``decoding/`` with a pydantic ``...Params`` model, its
-implementation and a ``...Details`` record, registered in ``decoding.registry``.
-Methods reach models only through ``Resources`` (engines and scorers by
-name, validated against their role) and never load anything themselves.
+implementation, a ``...Details`` record and its stage hook, registered in
+``decoding.registry``. Methods reach models only through ``Resources`` (engines
+and scorers by name, validated against their role) and never load anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from contextlib import aclosing
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from models.engine import (
-    Completion,
-    Engine,
-    EngineInfo,
-    FinishReason,
-    Prompt,
-    SampleDelta,
-    SamplingParams,
-    TokenLogprob,
-)
+from models.engine import Engine, FinishReason, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
-    from decoding.grammar import GrammarConstraint
-    from decoding.pipeline import AlignedRequest
     from models.scorers import Scorer
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Server bounds on what one request may ask of the methods."""
+class Limits(BaseModel):
+    """Bounds on what one request may ask for: the only definition of their defaults."""
 
-    default_max_tokens: int = 256
-    max_best_of_n: int = 16
-    max_nudging_rounds: int = 150
-    max_transfer_q_work: int = 20_000
-    """Transfer-Q*: top_k x rollouts x (rollout_tokens + 1) x decision steps."""
-    max_request_work: int = 262_144
-    """Any request: samples x max_tokens x models (see ``Prepared.work``)."""
+    model_config = ConfigDict(extra="forbid")
+
+    max_n: int = Field(default=8, ge=1)
+    max_best_of_n: int = Field(default=16, ge=1, description="Largest `alignment.best_of_n.n`.")
+    max_nudging_rounds: int = Field(default=150, ge=1, description="Largest `alignment.nudging.max_rounds`.")
+    max_grammar_bytes: int = Field(default=65_536, ge=1, description="Largest grammar or schema accepted.")
+    max_trie_nodes: int = Field(default=1_000_000, ge=1, description="ASAp: the trie store's node budget (LRU).")
+    max_transfer_q_work: int = Field(
+        default=20_000, ge=1, description="Transfer-Q*: top_k x rollouts x (rollout_tokens + 1) x decision steps."
+    )
+    max_request_work: int = Field(
+        default=262_144,
+        ge=1,
+        description="Compute budget of one request: samples x max_tokens x models (generating engines and scorers).",
+    )
+    max_logprobs: int = Field(default=20, ge=0)
+    default_max_tokens: int = Field(default=256, ge=1, description="Chat `max_tokens` when the client sets none.")
 
 
 class MethodParams(BaseModel):
@@ -76,110 +74,6 @@ class Resources(Protocol):
     def scorer(self, name: str, *, param: str) -> Scorer: ...
 
 
-class MeteredResources:
-    """Resources whose engines count into one request's meter."""
-
-    def __init__(self, resources: Resources, meter: UsageMeter) -> None:
-        self._resources = resources
-        self.meter = meter
-
-    def engine(self, name: str, *, param: str) -> Engine:
-        engine = MeteredEngine(self._resources.engine(name, param=param), self.meter)
-        self.meter.models.add(name)
-        return engine
-
-    def scorer(self, name: str, *, param: str) -> Scorer:
-        scorer = self._resources.scorer(name, param=param)
-        self.meter.models.add(name)
-        return scorer
-
-
-@dataclass(slots=True)
-class ModelUsage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass(slots=True)
-class UsageMeter:
-    """Tokens by model, over every engine call of one request."""
-
-    by_model: dict[str, ModelUsage] = field(default_factory=dict)
-    engine_calls: int = 0
-    models: set[str] = field(default_factory=set)
-    """Every engine and scorer the request resolved, known before any work."""
-
-    def record(self, model: str, *, prompt: int, completion: int) -> None:
-        usage = self.by_model.setdefault(model, ModelUsage())
-        usage.prompt_tokens += prompt
-        usage.completion_tokens += completion
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(usage.prompt_tokens for usage in self.by_model.values())
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(usage.completion_tokens for usage in self.by_model.values())
-
-
-class MeteredEngine:
-    """An engine whose calls are counted into a request's ``UsageMeter``.
-
-    Prompt tokens count once per call (the ``n`` samples of a call share a prefill).
-    """
-
-    def __init__(self, engine: Engine, meter: UsageMeter) -> None:
-        self.engine = engine
-        self.meter = meter
-
-    @property
-    def info(self) -> EngineInfo:
-        return self.engine.info
-
-    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return await self.engine.tokenize(text, add_special_tokens=add_special_tokens)
-
-    async def detokenize(self, token_ids: Sequence[int]) -> str:
-        return await self.engine.detokenize(token_ids)
-
-    async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
-        return await self.engine.render_chat(messages)
-
-    async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
-        self.meter.engine_calls += 1
-        completion = await self.engine.generate(prompt, params)
-        self.meter.record(
-            self.info.name, prompt=len(completion.prompt_token_ids), completion=completion.completion_tokens
-        )
-        return completion
-
-    async def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
-        self.meter.engine_calls += 1
-        completions = await self.engine.generate_batch(prompts, params)
-        for completion in completions:
-            self.meter.record(
-                self.info.name, prompt=len(completion.prompt_token_ids), completion=completion.completion_tokens
-            )
-        return completions
-
-    async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
-        self.meter.engine_calls += 1
-        prompt_tokens = len(prompt) if not isinstance(prompt, str) else len(await self.tokenize(prompt))
-        self.meter.record(self.info.name, prompt=prompt_tokens, completion=0)
-        async with aclosing(self.engine.stream(prompt, params)) as deltas:
-            async for delta in deltas:
-                self.meter.record(self.info.name, prompt=0, completion=len(delta.token_ids))
-                yield delta
-
-    async def close(self) -> None:
-        return None
-
-
-def with_n(params: SamplingParams, n: int) -> SamplingParams:
-    return replace(params, n=n)
-
-
 @dataclass(slots=True)
 class Candidate:
     """One generated answer, with what the methods recorded about it."""
@@ -192,47 +86,77 @@ class Candidate:
 
 
 @dataclass(slots=True)
-class Prepared:
-    """A request after validation, the prompt stage and tokenisation: ready to generate."""
+class Generation:
+    """What a strategy returns: its candidates, and the prompt's logprobs where they were asked for."""
 
-    request: AlignedRequest
-    engine: MeteredEngine
-    strategy: Strategy
-    prompt: PromptInput
-    prompt_ids: list[int]
-    sampling: SamplingParams
-    meter: UsageMeter
-    rendered: str | None = None
-    details: dict[str, BaseModel] = field(default_factory=dict)
-    constraint: GrammarConstraint | None = None
+    candidates: list[Candidate]
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
-    async def prompt_text(self) -> str:
+
+@dataclass(frozen=True, slots=True)
+class GenerationJob:
+    """A request after the prompt stage and tokenisation: what a strategy generates from.
+
+    Args:
+        engine: the base model (metered).
+        prompt: the prompt after the prompt stage (guidelines injected).
+        rendered: the base model's prompt as text (None: the client's token ids).
+        prompt_ids: the base model's prompt as token ids.
+        sampling: the request's sampling, with its token budget and engine constraints applied.
+    """
+
+    engine: Engine
+    prompt: PromptInput
+    rendered: str | None
+    prompt_ids: list[int]
+    sampling: SamplingParams
+
+    @property
+    def prompt_text(self) -> str:
         """The base model's prompt as text (chat: its template applied): what reward models see."""
-        return self.rendered if self.rendered is not None else await self.engine.detokenize(self.prompt_ids)
-
-    @property
-    def samples(self) -> int:
-        """Samples the strategy draws: best-of-N's candidates, else ``n``."""
-        selection = self.request.alignment.best_of_n
-        return selection.n if selection is not None else self.sampling.n
-
-    @property
-    def work(self) -> int:
-        """The compute the request asked for: samples x max_tokens x models (generating engines and scorers)."""
-        return self.samples * self.sampling.max_tokens * len(self.meter.models)
-
-    @property
-    def streams_directly(self) -> bool:
-        """Plain generation without selection streams token by token from the engine."""
-        return self.request.alignment.best_of_n is None and self.request.alignment.strategy() is None
+        return self.rendered if self.rendered is not None else self.engine.tokenizer.decode(self.prompt_ids)
 
 
 class Strategy(Protocol):
-    """A generation strategy: how the base prompt is written, and how ``n`` candidates are made."""
+    """A generation strategy, built per request: how the base prompt is written, how candidates are made."""
 
-    async def render(self, base: Engine, prompt: PromptInput) -> str | None:
+    def render(self, base: Engine, prompt: PromptInput) -> str | None:
         """The base model's prompt text (None: the client's token ids are used as they are)."""
         ...
 
-    async def generate(self, prepared: Prepared, n: int) -> list[Candidate]: ...
+    def check(self, job: GenerationJob) -> None:
+        """Refuses, before any generation, what this strategy cannot do for the job (a 400)."""
+        ...
+
+    async def generate(self, job: GenerationJob, n: int) -> Generation: ...
+
+
+def with_n(params: SamplingParams, n: int) -> SamplingParams:
+    return replace(params, n=n)
+
+
+def plain_text_prompt(messages: Sequence[Mapping[str, str]], cue: str = "Assistant:") -> str:
+    """A chat as plain text, for base models without a chat template: system text, turns, an answer cue."""
+    lines = []
+    for message in messages:
+        if message["role"] == "system":
+            lines.append(f"{message['content']}\n")
+        else:
+            lines.append(f"{'User' if message['role'] == 'user' else 'Assistant'}: {message['content']}")
+    return "\n".join([*lines, cue])
+
+
+def base_prompt_text(base: Engine, prompt: PromptInput) -> str | None:
+    """A multi-model strategy's base prompt: the base's chat template if it has one, else plain text."""
+    if prompt.messages is None:
+        return prompt.text
+    if base.info.has_chat_template:
+        return base.tokenizer.render_chat(prompt.messages)
+    return plain_text_prompt(prompt.messages)
+
+
+async def generate_each(
+    n: int, seed: int | None, generate_one: Callable[[int | None], Awaitable[Candidate]]
+) -> list[Candidate]:
+    """``n`` independent generations at once, the i-th seeded with ``seed + i`` (all unseeded without a seed)."""
+    return list(await asyncio.gather(*(generate_one(None if seed is None else seed + i) for i in range(n))))

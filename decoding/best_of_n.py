@@ -12,7 +12,9 @@ return the selected one(s):
 
 Several scorers form an ensemble aggregated by ``mean``, ``min`` (worst case) or
 ``mean_minus_std`` (``mean - k * std``). Ties take the lowest index. A client
-``n`` > 1 returns the top n of the N candidates in selection order.
+``n`` > 1 returns the top n of the N candidates in selection order. The details of
+every returned choice list all N candidates with their rewards and (the first
+``MAX_CANDIDATE_CHARS`` characters of) their text, so a client sees what lost.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
-from decoding.base import MethodParams, Resources
+from decoding.base import Candidate, GenerationJob, Limits, MethodParams, Resources
+from models.engine import SamplingParams
+from models.errors import InvalidRequestError
 from models.scorers import Scorer
 
 _NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
+MAX_CANDIDATE_CHARS = 512
 
 
 class BestOfNParams(MethodParams):
@@ -66,6 +71,8 @@ class CandidateScore(BaseModel):
     index: int
     reward: float
     rewards: dict[str, float]
+    text: str = Field(description=f"The candidate's text (its first {MAX_CANDIDATE_CHARS} characters).")
+    truncated: bool = Field(description="The text was cut to its first characters.")
 
 
 class BestOfNDetails(BaseModel):
@@ -154,3 +161,48 @@ def _vote_order(rewards: Sequence[float], texts: Sequence[str], params: BestOfNP
     # Groups by weight (ties: the group whose first member comes first); members by reward, then index.
     ranked = sorted(groups.values(), key=lambda members: (-weight(members), members[0]))
     return [i for members in ranked for i in sorted(members, key=lambda i: (-rewards[i], i))]
+
+
+class BestOfNSelection:
+    """Best-of-N as the pipeline's selection stage."""
+
+    def check(self, params: BestOfNParams, sampling: SamplingParams, resources: Resources, limits: Limits) -> None:
+        if params.n > limits.max_best_of_n:
+            raise InvalidRequestError(
+                f"`alignment.best_of_n.n` must be at most {limits.max_best_of_n}, got {params.n}.",
+                param="alignment.best_of_n.n",
+            )
+        if sampling.n > params.n:
+            raise InvalidRequestError(
+                f"`n` ({sampling.n}) cannot exceed the {params.n} candidates of best_of_n.", param="n"
+            )
+        scorers_for(params, resources)
+
+    def samples(self, params: BestOfNParams) -> int:
+        return params.n
+
+    async def select(
+        self, params: BestOfNParams, candidates: list[Candidate], job: GenerationJob, resources: Resources
+    ) -> list[Candidate]:
+        texts = [candidate.text for candidate in candidates]
+        rewards_by_scorer = await score_candidates(scorers_for(params, resources), job.prompt_text, texts)
+        rewards = aggregate(rewards_by_scorer, params.aggregate, params.k)
+        seed = params.seed if params.seed is not None else job.sampling.seed
+        # Hashed from a string: independent of the engine's use of the same request seed.
+        rng = random.Random(f"best_of_n/{seed}") if seed is not None else random.Random()
+        order = selection_order(rewards, texts, params, rng)
+        scores = [
+            CandidateScore(
+                index=i, reward=rewards[i], rewards=rewards_by_scorer[i], text=text[:MAX_CANDIDATE_CHARS],
+                truncated=len(text) > MAX_CANDIDATE_CHARS,
+            )
+            for i, text in enumerate(texts)
+        ]  # fmt: skip
+        chosen = []
+        for rank, index in enumerate(order[: job.sampling.n]):
+            candidate = candidates[index]
+            candidate.details["best_of_n"] = BestOfNDetails(
+                select=params.select, n=params.n, chosen=index, rank=rank, candidates=scores
+            )
+            chosen.append(candidate)
+        return chosen

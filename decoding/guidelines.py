@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 from rapidfuzz import fuzz
 
 from decoding.base import MethodParams, PromptInput
+from decoding.stages import Services
 from models.embedder import SentenceEmbedder
 from models.errors import InvalidRequestError
 
@@ -213,3 +214,12 @@ class GuidelineRetriever:
             fallback=retrieval.fallback,
         )
         return inject(prompt, chosen), details
+
+
+class GuidelinesStage:
+    """Guideline retrieval as the pipeline's prompt stage, over the server's ``GuidelineRetriever``."""
+
+    def rewrite(
+        self, params: GuidelinesParams, prompt: PromptInput, services: Services
+    ) -> tuple[PromptInput, GuidelinesDetails]:
+        return services.get(GuidelineRetriever).apply(prompt, params)

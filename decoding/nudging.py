@@ -1,7 +1,7 @@
 """Nudging (Fei, Razeghi, Singh 2024): a base model writes, a small aligned nudger steps in where it is unsure.
 
-Word level, so the two models may have different tokenizers and families; they
-exchange text only. The base sees a plain-text prompt (system, turns, an answer
+Word level, so the two models may have different tokenizers and families. The
+base sees its prompt (its chat template, else plain text: system, turns, an answer
 cue), the nudger its chat template; both are followed by the answer so far.
 
 - The answer starts with the nudger's first word.
@@ -14,26 +14,37 @@ cue), the nudger its chat template; both are followed by the answer so far.
   prompt logprobs gives ``p1`` at every boundary at once.
 - Generation ends on either model's EOS or a stop string, the token budget,
   ``max_rounds``, or a repetition guard (the same nudge three rounds in a row).
+
+Each model continues from its own token ids for the text it wrote; only the other
+model's text is encoded for it, as a continuation (``Tokenizer.encode_continuation``),
+and models that share a tokenizer exchange token ids. Re-encoding a model's own text
+would change its greedy continuation at every hand-over.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from decoding.base import Candidate, Limits, MethodParams, PromptInput, Resources
-from decoding.plain import plain_text_prompt
+from decoding.base import (
+    Candidate,
+    Generation,
+    GenerationJob,
+    Limits,
+    MethodParams,
+    PromptInput,
+    Resources,
+    base_prompt_text,
+    generate_each,
+)
+from decoding.transcript import Piece, View
 from models.engine import Engine, FinishReason, SamplingParams
 from models.errors import InvalidRequestError
-
-if TYPE_CHECKING:
-    from decoding.base import Prepared
 
 _WORD = re.compile(r" *[^ ]+")
 
@@ -67,14 +78,20 @@ class NudgingDetails(BaseModel):
 
 
 @dataclass(slots=True)
-class _Words:
+class _Nudge:
+    """The nudger's next whole words, and the tokens it wrote them with."""
+
     words: list[str]
+    token_ids: list[int]
     finished: bool
+
+    def text(self, keep: int) -> str:
+        return "".join(self.words[:keep])
 
 
 @dataclass(slots=True)
 class _BaseChunk:
-    text: str
+    piece: Piece
     uncertain_p1: float | None
     finish: FinishReason | None
 
@@ -83,14 +100,17 @@ class Nudging:
     """One nudged generation between a base and a nudger engine.
 
     Args:
-        base: the base engine (plain-text prompt).
+        base: the base engine.
         nudger: the nudger engine (chat template).
-        base_prompt: the base's prompt, ending with the answer cue.
-        nudger_prompt: the nudger's rendered chat prompt, ending with the assistant cue.
+        base_prompt_ids: the base's prompt, ending with the answer cue.
+        nudger_prompt_ids: the nudger's rendered chat prompt, ending with the assistant cue.
         params: gamma, chunk sizes, rounds, temperature.
         max_tokens: the answer's budget in base tokens.
         stop: stop strings; the answer ends before the first.
         seed: seeds both models' sampling (when ``temperature`` > 0).
+        separator: what the base sees between its prompt and the answer (a space after a plain-text
+            cue such as ``Assistant:``); None: the spaces the nudger began its answer with, for a base
+            that is prompted like the nudger.
     """
 
     def __init__(
@@ -98,41 +118,42 @@ class Nudging:
         base: Engine,
         nudger: Engine,
         *,
-        base_prompt: str,
-        nudger_prompt: str,
+        base_prompt_ids: list[int],
+        nudger_prompt_ids: list[int],
         params: NudgingParams,
         max_tokens: int,
         stop: tuple[str, ...] = (),
         seed: int | None = None,
+        separator: str | None = " ",
     ) -> None:
         self.base, self.nudger = base, nudger
-        self.base_prompt, self.nudger_prompt = base_prompt, nudger_prompt
+        self.base_view, self.nudger_view = View(base, base_prompt_ids), View(nudger, nudger_prompt_ids)
         self.params = params
         self.max_tokens = max_tokens
         self.stop = stop
         self.seed = seed
-
-    def base_input(self, answer: str) -> str:
-        return f"{self.base_prompt} {answer}" if answer else self.base_prompt
+        self.separator = separator
 
     async def run(self) -> tuple[str, FinishReason, NudgingDetails]:
         answer, spans, rounds = "", [], 0
         recent: deque[str] = deque(maxlen=3)
-        first = await self._nudger_words(answer)
+        first = await self._nudger_words()
         stopped_by: StopCause | None = None
         if first.words:
-            answer = first.words[0].lstrip(" ")
+            answer = self._begin(first)
             spans.append(NudgedSpan(source=self.nudger.info.name, text=answer))
         if not first.words or (first.finished and len(first.words) == 1):
             stopped_by = "eos"
         while stopped_by is None:
-            answer, stopped_by = await self._check_end(answer)
+            answer, stopped_by = self._check_end(answer)
             if stopped_by is not None:
                 break
-            chunk = await self._base_chunk(answer)
-            if chunk.text:
-                answer += chunk.text
-                _append(spans, self.base.info.name, chunk.text)
+            chunk = await self._base_chunk()
+            if chunk.piece.text:
+                answer += chunk.piece.text
+                self.base_view.add(chunk.piece)
+                self.nudger_view.add(chunk.piece)
+                _append(spans, self.base.info.name, chunk.piece.text)
             if chunk.finish is not None:
                 stopped_by = "eos" if chunk.finish == "stop" else "length"
                 break
@@ -142,17 +163,19 @@ class Nudging:
                 stopped_by = "max_rounds"
                 break
             rounds += 1
-            nudge = await self._nudger_words(answer)
+            nudge = await self._nudger_words()
             if not nudge.words:
                 stopped_by = "eos"
                 break
-            keep = await self._handback(answer, nudge.words)
-            text = "".join(nudge.words[:keep])
-            answer += text
-            spans.append(NudgedSpan(source=self.nudger.info.name, text=text, base_p1=chunk.uncertain_p1))
+            keep = await self._handback(nudge)
+            piece = self._nudger_piece(nudge, keep)
+            answer += piece.text
+            self.nudger_view.add(piece)
+            self.base_view.add(piece)
+            spans.append(NudgedSpan(source=self.nudger.info.name, text=piece.text, base_p1=chunk.uncertain_p1))
             if nudge.finished and keep == len(nudge.words):
                 stopped_by = "eos"
-            recent.append(text)
+            recent.append(piece.text)
             if len(recent) == 3 and len(set(recent)) == 1:
                 stopped_by = "repetition"
         answer, cut = _cut_at_stop(answer, self.stop)
@@ -161,17 +184,29 @@ class Nudging:
         details = NudgingDetails(
             nudger=self.nudger.info.name,
             spans=spans,
-            nudged_token_fraction=await self._nudged_fraction(spans),
+            nudged_token_fraction=self._nudged_fraction(spans),
             rounds=rounds,
             stopped_by=stopped,
         )
         return answer, finish, details
 
-    async def _check_end(self, answer: str) -> tuple[str, StopCause | None]:
+    def _begin(self, first: _Nudge) -> str:
+        """The answer's first word: the nudger keeps its own tokens (leading spaces included), the answer
+        and the base drop the leading spaces and the base sees its separator instead."""
+        own = self._nudger_piece(first, 1)
+        self.nudger_view.add(own)
+        word = own.text.lstrip(" ")
+        lead = own.text[: len(own.text) - len(word)]
+        separator = lead if self.separator is None else self.separator
+        shared = own if separator == lead else Piece(separator + word, [], own.vocabulary, 0)
+        self.base_view.add(shared)
+        return word
+
+    def _check_end(self, answer: str) -> tuple[str, StopCause | None]:
         answer, cut = _cut_at_stop(answer, self.stop)
         if cut:
             return answer, "stop"
-        if len(await self.base.tokenize(answer, add_special_tokens=False)) >= self.max_tokens:
+        if self.base_view.answer_tokens() >= self.max_tokens:
             return answer, "length"
         return answer, None
 
@@ -186,36 +221,41 @@ class Nudging:
             prompt_logprobs=prompt_logprobs,
         )
 
-    async def _base_chunk(self, answer: str) -> _BaseChunk:
-        """Base continuation, cut before its first token with ``p1 < gamma``."""
-        ids = await self.base.tokenize(self.base_input(answer))
-        completion = await self.base.generate(ids, self._sampling(self.params.base_chunk_tokens, logprobs=1))
-        sample = completion.samples[0]
+    async def _base_chunk(self) -> _BaseChunk:
+        """Base continuation within the budget, cut before its first token with ``p1 < gamma``."""
+        budget = self.max_tokens - self.base_view.answer_tokens()
+        params = self._sampling(min(self.params.base_chunk_tokens, budget), logprobs=1)
+        sample = (await self.base.generate(self.base_view.ids(), params)).samples[0]
         for position, record in enumerate(sample.logprobs or []):
             p1 = math.exp(record.top[0].logprob if record.top else record.logprob)
             if p1 < self.params.gamma:
-                return _BaseChunk(await self.base.detokenize(sample.token_ids[:position]), p1, None)
-        return _BaseChunk(sample.text, None, sample.finish_reason if sample.finish_reason == "stop" else None)
+                return _BaseChunk(self.base_view.own_piece(sample.token_ids[:position]), p1, None)
+        ended = sample.finish_reason == "stop"
+        return _BaseChunk(self.base_view.own_piece(sample.token_ids), None, "stop" if ended else None)
 
-    async def _nudger_words(self, answer: str) -> _Words:
+    async def _nudger_words(self) -> _Nudge:
         """The nudger's next complete words (its last, cut-off word is dropped unless it is the only one)."""
-        ids = await self.nudger.tokenize(self.nudger_prompt + answer, add_special_tokens=False)
-        sample = (await self.nudger.generate(ids, self._sampling(self.params.nudge_max_tokens))).samples[0]
+        params = self._sampling(self.params.nudge_max_tokens)
+        sample = (await self.nudger.generate(self.nudger_view.ids(), params)).samples[0]
         words = _WORD.findall(sample.text)
         finished = sample.finish_reason == "stop"
         if not finished and len(words) > 1 and not sample.text.endswith(" "):
             words = words[:-1]
-        return _Words(words, finished)
+        return _Nudge(words, sample.token_ids, finished)
 
-    async def _handback(self, answer: str, words: list[str]) -> int:
+    def _nudger_piece(self, nudge: _Nudge, keep: int) -> Piece:
+        return self.nudger_view.own_piece(nudge.token_ids, text=nudge.text(keep))
+
+    async def _handback(self, nudge: _Nudge) -> int:
         """How many nudge words to keep: up to the first boundary where the base may take over."""
+        words = nudge.words
         if len(words) == 1:
             return 1
-        full = await self.base.tokenize(self.base_input(answer + "".join(words)))
+        full = self.base_view.ids_with(self._nudger_piece(nudge, len(words)))
         probe = await self.base.generate(full, self._sampling(1, prompt_logprobs=1))
         logprobs = probe.prompt_logprobs or []
         for keep in range(1, len(words)):
-            prefix = await self.base.tokenize(self.base_input(answer + "".join(words[:keep])))
+            prefix = self.base_view.ids_with(self._nudger_piece(nudge, keep))
             if len(prefix) >= len(full) or full[: len(prefix)] != prefix:
                 continue  # the boundary falls inside a base token
             record = logprobs[len(prefix)]
@@ -226,8 +266,10 @@ class Nudging:
                 return keep
         return len(words)
 
-    async def _nudged_fraction(self, spans: list[NudgedSpan]) -> float:
-        counts = [len(await self.base.tokenize(span.text, add_special_tokens=False)) for span in spans]
+    def _nudged_fraction(self, spans: list[NudgedSpan]) -> float:
+        """Counted in base tokens of each span's text (a measure only; nothing is generated from it)."""
+        encode = self.base.tokenizer.encode
+        counts = [len(encode(span.text, add_special_tokens=False)) for span in spans]
         nudged = sum(c for c, span in zip(counts, spans, strict=True) if span.source == self.nudger.info.name)
         total = sum(counts)
         return nudged / total if total else 0.0
@@ -263,33 +305,37 @@ class NudgingStrategy:
                 f"The nudger `{params.nudger}` has no chat template; a nudger must be a chat model.",
                 param="alignment.nudging.nudger",
             )
-        self._prompt: PromptInput | None = None
 
-    async def render(self, base: Engine, prompt: PromptInput) -> str | None:
+    def render(self, base: Engine, prompt: PromptInput) -> str | None:
         if prompt.messages is None and prompt.text is None:
             raise InvalidRequestError("Nudging needs a text prompt, not token ids.", param="prompt")
-        self._prompt = prompt
-        return plain_text_prompt(prompt.messages) if prompt.messages is not None else prompt.text
+        return base_prompt_text(base, prompt)
 
-    async def generate(self, prepared: Prepared, n: int) -> list[Candidate]:
-        assert self._prompt is not None and prepared.rendered is not None
-        messages = self._prompt.messages or [{"role": "user", "content": self._prompt.text or ""}]
-        nudger_prompt = await self.nudger.render_chat(messages)
-        seed = prepared.sampling.seed
+    def check(self, job: GenerationJob) -> None:
+        return None
 
-        async def one(index: int) -> Candidate:
+    async def generate(self, job: GenerationJob, n: int) -> Generation:
+        prompt = job.prompt
+        messages = prompt.messages or [{"role": "user", "content": prompt.text or ""}]
+        tokenizer = self.nudger.tokenizer
+        nudger_prompt = tokenizer.encode(tokenizer.render_chat(messages), add_special_tokens=False)
+        # A base on its chat template is prompted like the nudger; after a plain-text cue it needs a space.
+        separator = None if prompt.messages is not None and job.engine.info.has_chat_template else " "
+
+        async def one(seed: int | None) -> Candidate:
             nudging = Nudging(
-                prepared.engine,
+                job.engine,
                 self.nudger,
-                base_prompt=prepared.rendered or "",
-                nudger_prompt=nudger_prompt,
+                base_prompt_ids=job.prompt_ids,
+                nudger_prompt_ids=nudger_prompt,
                 params=self.params,
-                max_tokens=prepared.sampling.max_tokens,
-                stop=prepared.sampling.stop,
-                seed=None if seed is None else seed + index,
+                max_tokens=job.sampling.max_tokens,
+                stop=job.sampling.stop,
+                seed=seed,
+                separator=separator,
             )
             text, finish, details = await nudging.run()
-            ids = await prepared.engine.tokenize(text, add_special_tokens=False)
+            ids = job.engine.tokenizer.encode(text, add_special_tokens=False)
             return Candidate(text, ids, finish, None, {"nudging": details})
 
-        return list(await asyncio.gather(*(one(i) for i in range(n))))
+        return Generation(await generate_each(n, job.sampling.seed, one))

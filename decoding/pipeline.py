@@ -1,18 +1,21 @@
-"""The decoding pipeline: prompt stage -> generation strategy -> selection stage.
+"""The decoding pipeline: prompt stage -> generation strategy (engine processors inside) -> selection stage.
 
-1. Prompt stage: guideline retrieval rewrites the messages or prompt (once per request).
-2. Generation strategy: plain (one engine), or one registered in ``decoding.registry``
-   (multi-model strategies). Logits processors run inside whichever engine generates.
-3. Selection stage: best-of-N draws N candidates from the strategy (plain: one engine
-   call with ``n = N``), scores them in one batched call per scorer and returns the top
-   ``n`` in selection order.
+The pipeline folds over the stage hooks of the request's methods (``decoding.stages``):
 
-Every engine call is metered, so ``usage`` counts all tokens the request cost.
+1. prompt: each prompt-stage method rewrites the prompt (guidelines), once per request;
+2. strategy: the request's strategy (plain unless a method registers another) renders the
+   base prompt; processor-stage methods (grammar) constrain the generating engine;
+3. selection: a selection-stage method (best-of-N) draws its candidates from the strategy
+   and returns the top ``n``; without one the strategy draws ``n``.
+
+``run`` and ``stream`` share every step: a stream is the incremental view of ``run``'s
+result (token by token for plain generation without selection, else each choice whole),
+ending each choice with the same candidate, finish reason and details. Every engine call
+is metered, so ``usage`` counts all tokens the request cost.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, replace
@@ -20,24 +23,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from decoding import best_of_n
 from decoding.alignment import Alignment
-from decoding.base import (
-    Candidate,
-    Limits,
-    MeteredEngine,
-    MeteredResources,
-    Prepared,
-    PromptInput,
-    Resources,
-    Strategy,
-    UsageMeter,
-)
-from decoding.grammar import GrammarConstraint, GrammarService
-from decoding.guidelines import GuidelineRetriever
+from decoding.base import Candidate, GenerationJob, Limits, MethodParams, PromptInput, Resources, Strategy
+from decoding.events import ChoiceFinished, StreamEvent, TextDelta
 from decoding.plain import PlainStrategy
-from decoding.registry import METHODS
-from models.engine import Engine, SampleDelta, SamplingParams
+from decoding.stages import EngineConstraint, MethodSpec, Services
+from decoding.usage import MeteredEngine, MeteredResources, UsageMeter
+from models.engine import Engine, SamplingParams, TokenLogprob
 from models.errors import ContextLengthExceededError, InvalidRequestError, WorkBudgetExceededError
 
 
@@ -53,11 +45,40 @@ class AlignedRequest:
     budget_param: str = "max_tokens"
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request after validation, the prompt stage and tokenisation: ready to generate."""
+
+    request: AlignedRequest
+    job: GenerationJob
+    strategy: Strategy
+    constraints: tuple[EngineConstraint, ...]
+    resources: MeteredResources
+    prompt_details: dict[str, BaseModel]
+    samples: int
+    """Candidates the strategy draws: the selection stage's, else ``n``."""
+
+    @property
+    def meter(self) -> UsageMeter:
+        return self.resources.meter
+
+    @property
+    def work(self) -> int:
+        """The compute the request asked for: samples x max_tokens x models (generating engines and scorers)."""
+        return self.samples * self.job.sampling.max_tokens * len(self.meter.models)
+
+    @property
+    def selection(self) -> tuple[MethodParams, MethodSpec] | None:
+        selected = self.request.alignment.at("selection")
+        return (selected[0][1], selected[0][2]) if selected else None
+
+
 @dataclass(slots=True)
 class PipelineResult:
     prompt_ids: list[int]
     choices: list[Candidate]
     meter: UsageMeter
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Pipeline:
@@ -65,45 +86,101 @@ class Pipeline:
 
     Args:
         resources: engines and scorers by name.
-        retriever: the guideline libraries.
         limits: server bounds on what a request may ask.
+        services: server-wide state the methods' hooks use (guideline libraries, the grammar store).
     """
 
-    def __init__(
-        self,
-        resources: Resources,
-        retriever: GuidelineRetriever,
-        limits: Limits,
-        grammars: GrammarService | None = None,
-    ) -> None:
+    def __init__(self, resources: Resources, limits: Limits, services: Services) -> None:
         self.resources = resources
-        self.retriever = retriever
         self.limits = limits
-        self.grammars = grammars or GrammarService()
+        self.services = services
 
     async def prepare(self, request: AlignedRequest) -> Prepared:
+        """Every check that can refuse the request runs here, before any generation (and before a stream's 200)."""
         alignment = request.alignment
-        meter = UsageMeter(models={request.engine.info.name})
-        resources = MeteredResources(self.resources, meter)
-        self._check_selection(request, resources)
-        details: dict[str, BaseModel] = {}
-        prompt = request.prompt
-        if alignment.guidelines is not None:
-            prompt, details["guidelines"] = self.retriever.apply(prompt, alignment.guidelines)
-        engine = MeteredEngine(request.engine, meter)
-        strategy = self._strategy(request, resources)
-        rendered = await strategy.render(engine, prompt)
-        prompt_ids = await _prompt_ids(engine, prompt, rendered)
-        max_tokens = self._max_tokens(engine, len(prompt_ids), request)
-        sampling = replace(request.sampling, max_tokens=max_tokens)
-        constraint = self._grammar(request, prompt_ids, sampling)
-        if constraint is not None:
+        resources = MeteredResources(self.resources, UsageMeter(models={request.engine.info.name}))
+        samples = request.sampling.n
+        for _, params, spec in alignment.at("selection"):
+            assert spec.selection is not None
+            spec.selection.check(params, request.sampling, resources, self.limits)
+            samples = spec.selection.samples(params)
+        prompt, prompt_details = request.prompt, {}
+        for name, params, spec in alignment.at("prompt"):
+            assert spec.prompt is not None
+            prompt, prompt_details[name] = spec.prompt.rewrite(params, prompt, self.services)
+        strategy = self._strategy(alignment, resources)
+        engine = MeteredEngine(request.engine, resources.meter)
+        rendered = strategy.render(engine, prompt)
+        prompt_ids = _prompt_ids(engine, prompt, rendered)
+        sampling = replace(request.sampling, max_tokens=self._max_tokens(engine, len(prompt_ids), request))
+        job = GenerationJob(engine, prompt, rendered, prompt_ids, sampling)
+        constraints = self._constraints(alignment, job)
+        for constraint in constraints:
             sampling = constraint.apply(sampling)
-        prepared = Prepared(
-            request, engine, strategy, prompt, prompt_ids, sampling, meter, rendered, details, constraint
-        )
+        job = replace(job, sampling=sampling)
+        strategy.check(job)
+        prepared = Prepared(request, job, strategy, constraints, resources, prompt_details, samples)
         self._check_work(prepared)
         return prepared
+
+    async def run(self, prepared: Prepared) -> PipelineResult:
+        generation = await prepared.strategy.generate(prepared.job, prepared.samples)
+        candidates = [self._finish(prepared, candidate) for candidate in generation.candidates]
+        selection = prepared.selection
+        if selection is not None:
+            params, spec = selection
+            assert spec.selection is not None
+            candidates = await spec.selection.select(params, candidates, prepared.job, prepared.resources)
+        return PipelineResult(prepared.job.prompt_ids, candidates, prepared.meter, generation.prompt_logprobs)
+
+    async def stream(self, prepared: Prepared) -> AsyncGenerator[StreamEvent, None]:
+        strategy = prepared.strategy
+        if isinstance(strategy, PlainStrategy) and prepared.selection is None:
+            async with aclosing(strategy.stream(prepared.job)) as events:
+                async for event in events:
+                    if isinstance(event, ChoiceFinished):
+                        event = ChoiceFinished(event.index, self._finish(prepared, event.candidate))
+                    yield event
+            return
+        # Nothing can be shown before the strategy (and the selection) are done: each choice arrives whole.
+        result = await self.run(prepared)
+        for index, candidate in enumerate(result.choices):
+            yield TextDelta(index, candidate.text, candidate.logprobs)
+            yield ChoiceFinished(index, candidate)
+
+    def _finish(self, prepared: Prepared, candidate: Candidate) -> Candidate:
+        """A finished candidate as the methods see it: reviewed by the engine constraints, with the prompt
+        stage's details first."""
+        for constraint in prepared.constraints:
+            constraint.review(candidate)
+        candidate.details = {**prepared.prompt_details, **candidate.details}
+        return candidate
+
+    def _strategy(self, alignment: Alignment, resources: MeteredResources) -> Strategy:
+        """The request's generation strategy; its models are resolved (and metered) now."""
+        chosen = alignment.at("strategy")
+        if not chosen:
+            return PlainStrategy()
+        _, params, spec = chosen[0]
+        assert spec.strategy is not None
+        return spec.strategy(params, resources, self.limits)
+
+    def _constraints(self, alignment: Alignment, job: GenerationJob) -> tuple[EngineConstraint, ...]:
+        """Processor-stage methods run inside the generating engine; only the plain strategy has just one."""
+        processors = alignment.at("processor")
+        strategy = alignment.at("strategy")
+        if processors and strategy:
+            method, other = processors[0][0], strategy[0][0]
+            raise InvalidRequestError(
+                f"`{method}` cannot be combined with `{other}`: alignd constrains the generating engine only, "
+                f"not every model {other} uses.",
+                param=f"alignment.{method}",
+            )
+        constraints = []
+        for _, params, spec in processors:
+            assert spec.processor is not None
+            constraints.append(spec.processor.constrain(params, job, self.services))
+        return tuple(constraints)
 
     def _check_work(self, prepared: Prepared) -> None:
         """Refuses, before any generation, a request that asks for more compute than the server allows."""
@@ -112,108 +189,11 @@ class Pipeline:
             return
         name = prepared.request.budget_param
         raise WorkBudgetExceededError(
-            f"This request asks for {prepared.samples} samples x {prepared.sampling.max_tokens} tokens x "
+            f"This request asks for {prepared.samples} samples x {prepared.job.sampling.max_tokens} tokens x "
             f"{len(prepared.meter.models)} models = {prepared.work}, above the server's budget of {limit} "
             f"per request. Lower `{name}`, `n` or `alignment.best_of_n.n`.",
             param=name,
         )
-
-    def _grammar(
-        self, request: AlignedRequest, prompt_ids: list[int], sampling: SamplingParams
-    ) -> GrammarConstraint | None:
-        """The grammar runs inside the generating engine; only the plain strategy has just one."""
-        params = request.alignment.grammar
-        if params is None:
-            return None
-        strategy = request.alignment.strategy()
-        if strategy is not None:
-            raise InvalidRequestError(
-                f"`grammar` cannot be combined with `{strategy[0]}`: alignd constrains the generating engine "
-                f"only, not every model {strategy[0]} uses.",
-                param="alignment.grammar",
-            )
-        engine = request.engine
-        info = engine.info
-        tokenizer = getattr(engine, "tokenizer", None)
-        in_workers = "grammar" in info.worker_plugins
-        if not (info.supports_logits_processors or in_workers) or tokenizer is None:
-            raise InvalidRequestError(
-                f"The model `{info.name}` cannot run grammar processors: its vLLM workers do not load alignd's "
-                "grammar plugin (`vllm.grammar_plugin: false`).",
-                param="alignment.grammar",
-            )
-        compiler = self.grammars.compiler(info.name, tokenizer.hf, info.vocab_size, sorted(info.eos_token_ids))
-        return self.grammars.constraint(
-            info.name, compiler, params, prompt_ids=prompt_ids, sampling=sampling,
-            stop_ids=info.eos_token_ids, in_workers=in_workers,
-        )  # fmt: skip
-
-    def _strategy(self, request: AlignedRequest, resources: MeteredResources) -> Strategy:
-        """The request's generation strategy; its models are resolved (and metered) now."""
-        chosen = request.alignment.strategy()
-        if chosen is None:
-            return PlainStrategy()
-        name, params = chosen
-        build = METHODS[name].strategy
-        assert build is not None
-        return build(params, resources, self.limits)
-
-    async def run(self, prepared: Prepared) -> PipelineResult:
-        selection = prepared.request.alignment.best_of_n
-        if selection is None:
-            candidates = await prepared.strategy.generate(prepared, prepared.sampling.n)
-        else:
-            candidates = await self._best_of_n(prepared, selection)
-        for candidate in candidates:
-            candidate.details = {**prepared.details, **candidate.details}
-        return PipelineResult(prepared.prompt_ids, candidates, prepared.meter)
-
-    async def stream(self, prepared: Prepared) -> AsyncGenerator[SampleDelta | PipelineResult, None]:
-        """Token deltas for plain generation; otherwise the whole result once it is selected."""
-        if not prepared.streams_directly:
-            yield await self.run(prepared)
-            return
-        async with aclosing(prepared.engine.stream(prepared.prompt_ids, prepared.sampling)) as deltas:
-            async for delta in deltas:
-                yield delta
-
-    async def _best_of_n(self, prepared: Prepared, params: best_of_n.BestOfNParams) -> list[Candidate]:
-        scorers = best_of_n.scorers_for(params, self.resources)
-        candidates = await prepared.strategy.generate(prepared, params.n)
-        texts = [candidate.text for candidate in candidates]
-        rewards_by_scorer = await best_of_n.score_candidates(scorers, await prepared.prompt_text(), texts)
-        rewards = best_of_n.aggregate(rewards_by_scorer, params.aggregate, params.k)
-        seed = params.seed if params.seed is not None else prepared.sampling.seed
-        # Hashed from a string: independent of the engine's use of the same request seed.
-        rng = random.Random(f"best_of_n/{seed}") if seed is not None else random.Random()
-        order = best_of_n.selection_order(rewards, texts, params, rng)
-        scores = [
-            best_of_n.CandidateScore(index=i, reward=rewards[i], rewards=rewards_by_scorer[i])
-            for i in range(len(candidates))
-        ]
-        chosen = []
-        for rank, index in enumerate(order[: prepared.sampling.n]):
-            candidate = candidates[index]
-            candidate.details["best_of_n"] = best_of_n.BestOfNDetails(
-                select=params.select, n=params.n, chosen=index, rank=rank, candidates=scores
-            )
-            chosen.append(candidate)
-        return chosen
-
-    def _check_selection(self, request: AlignedRequest, resources: MeteredResources) -> None:
-        params = request.alignment.best_of_n
-        if params is None:
-            return
-        if params.n > self.limits.max_best_of_n:
-            raise InvalidRequestError(
-                f"`alignment.best_of_n.n` must be at most {self.limits.max_best_of_n}, got {params.n}.",
-                param="alignment.best_of_n.n",
-            )
-        if request.sampling.n > params.n:
-            raise InvalidRequestError(
-                f"`n` ({request.sampling.n}) cannot exceed the {params.n} candidates of best_of_n.", param="n"
-            )
-        best_of_n.scorers_for(params, resources)
 
     def _max_tokens(self, engine: Engine, prompt_tokens: int, request: AlignedRequest) -> int:
         """The token budget, checked against the context: the request's, else what is left (capped)."""
@@ -237,12 +217,12 @@ class Pipeline:
         return requested
 
 
-async def _prompt_ids(engine: Engine, prompt: PromptInput, rendered: str | None) -> list[int]:
+def _prompt_ids(engine: Engine, prompt: PromptInput, rendered: str | None) -> list[int]:
     """The base model's prompt as token ids; a rendered chat prompt already holds its special tokens."""
     if rendered is not None:
-        return await engine.tokenize(rendered, add_special_tokens=prompt.messages is None)
+        return engine.tokenizer.encode(rendered, add_special_tokens=prompt.messages is None)
     assert prompt.token_ids is not None
-    return list(prompt.token_ids)
+    return engine.tokenizer.check_ids(prompt.token_ids)
 
 
 def details_json(candidate: Candidate) -> dict[str, Any]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass, field
 
-from decoding.base import MethodParams, PromptInput, with_n
-from models.engine import Engine
-
-if TYPE_CHECKING:
-    from decoding.pipeline import Candidate, Prepared
+from decoding.base import Candidate, Generation, GenerationJob, MethodParams, PromptInput, with_n
+from decoding.events import ChoiceFinished, StreamEvent, TextDelta
+from models.engine import Engine, Sample, SampleDelta, TokenLogprob
 
 
 class PlainStrategy:
@@ -18,34 +17,50 @@ class PlainStrategy:
     def __init__(self, params: MethodParams | None = None) -> None:
         self.params = params
 
-    async def render(self, base: Engine, prompt: PromptInput) -> str | None:
+    def render(self, base: Engine, prompt: PromptInput) -> str | None:
         if prompt.messages is not None:
-            return await base.render_chat(prompt.messages)
+            return base.tokenizer.render_chat(prompt.messages)
         return prompt.text
 
-    async def generate(self, prepared: Prepared, n: int) -> list[Candidate]:
-        from decoding.pipeline import Candidate
+    def check(self, job: GenerationJob) -> None:
+        return None
 
-        completion = await prepared.engine.generate(prepared.prompt_ids, with_n(prepared.sampling, n))
-        prepared.prompt_logprobs = completion.prompt_logprobs
-        candidates = []
-        for sample in completion.samples:
-            candidate = Candidate(sample.text, sample.token_ids, sample.finish_reason, sample.logprobs)
-            if prepared.constraint is not None:
-                grammar = prepared.constraint.details(sample.token_ids)
-                candidate.details["grammar"] = grammar
-                if not grammar.complete:
-                    candidate.finish_reason = "length"  # cut off before the grammar could complete
-            candidates.append(candidate)
-        return candidates
+    async def generate(self, job: GenerationJob, n: int) -> Generation:
+        completion = await job.engine.generate(job.prompt_ids, with_n(job.sampling, n))
+        return Generation([candidate_of(sample) for sample in completion.samples], completion.prompt_logprobs)
+
+    async def stream(self, job: GenerationJob) -> AsyncGenerator[StreamEvent, None]:
+        """The ``n`` answers token by token; each ends with the same candidate ``generate`` returns."""
+        samples: dict[int, _StreamedSample] = {}
+        async with aclosing(job.engine.stream(job.prompt_ids, job.sampling)) as deltas:
+            async for delta in deltas:
+                sample = samples.setdefault(delta.index, _StreamedSample(delta.index))
+                sample.add(delta)
+                if delta.text or delta.logprobs:
+                    yield TextDelta(delta.index, delta.text, delta.logprobs)
+                if delta.finish_reason is not None:
+                    yield ChoiceFinished(delta.index, candidate_of(sample.finished(delta)))
 
 
-def plain_text_prompt(messages: Sequence[Mapping[str, str]], cue: str = "Assistant:") -> str:
-    """A chat as plain text, for base models without a chat template: system text, turns, an answer cue."""
-    lines = []
-    for message in messages:
-        if message["role"] == "system":
-            lines.append(f"{message['content']}\n")
-        else:
-            lines.append(f"{'User' if message['role'] == 'user' else 'Assistant'}: {message['content']}")
-    return "\n".join([*lines, cue])
+def candidate_of(sample: Sample) -> Candidate:
+    return Candidate(sample.text, sample.token_ids, sample.finish_reason, sample.logprobs)
+
+
+@dataclass(slots=True)
+class _StreamedSample:
+    """One sample assembled from its deltas."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+
+    def add(self, delta: SampleDelta) -> None:
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        if delta.logprobs is not None:
+            self.logprobs = [*(self.logprobs or []), *delta.logprobs]
+
+    def finished(self, last: SampleDelta) -> Sample:
+        assert last.finish_reason is not None
+        return Sample(self.index, self.text, self.token_ids, last.finish_reason, self.logprobs)

@@ -20,7 +20,6 @@ Base and baseline must share a tokenizer.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import random
 from collections.abc import Sequence
@@ -30,16 +29,23 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
-from decoding.base import Candidate, Limits, MethodParams, PromptInput, Resources
-from decoding.plain import plain_text_prompt
+from decoding.base import (
+    Candidate,
+    Generation,
+    GenerationJob,
+    Limits,
+    MethodParams,
+    PromptInput,
+    Resources,
+    base_prompt_text,
+    generate_each,
+)
 from models.engine import Engine, FinishReason, SamplingParams
 from models.errors import InvalidRequestError
 from models.scorers import Scorer
 
 if TYPE_CHECKING:
     from typing import Self
-
-    from decoding.base import Prepared
 
 MAX_REPORTED_STEPS = 32
 
@@ -161,14 +167,14 @@ class TransferQ:
             chosen = choose([c.logprob for c in candidates], q, self.params.alpha, self.params.temperature, self.rng)
             block = candidates[chosen].token_ids[: self.max_tokens - len(answer)]
             answer += block
-            steps.append(await self._record(candidates, q, chosen))
+            steps.append(self._record(candidates, q, chosen))
             if ended[chosen]:
                 finish = "stop"
                 break
         details = TransferQDetails(
             decision_steps=len(steps), steps=steps[:MAX_REPORTED_STEPS], truncated=len(steps) > MAX_REPORTED_STEPS
         )
-        return answer, await self.base.detokenize(answer), finish, details
+        return answer, self.base.tokenizer.decode(answer), finish, details
 
     def _seed(self, salt: int) -> int | None:
         return None if self.seed is None else self.seed * 1_000_003 + salt
@@ -194,7 +200,7 @@ class TransferQ:
     async def _q_values(self, answer: list[int], candidates: list[_Candidate]) -> list[float]:
         prefixes = [answer + c.token_ids for c in candidates]
         if self.params.rollout_tokens == 0:
-            texts = [[await self.base.detokenize(prefix)] for prefix in prefixes]
+            texts = [[self.base.tokenizer.decode(prefix)] for prefix in prefixes]
         else:
             texts = await self._rollouts(prefixes)
         flat = [text for group in texts for text in group]
@@ -221,15 +227,15 @@ class TransferQ:
         )
         completions = await self.baseline.generate_batch([self.prompt_ids + p for p in prefixes], params)
         return [
-            [await self.base.detokenize(prefix + sample.token_ids) for sample in completion.samples]
+            [self.base.tokenizer.decode(prefix + sample.token_ids) for sample in completion.samples]
             for prefix, completion in zip(prefixes, completions, strict=True)
         ]
 
-    async def _record(self, candidates: list[_Candidate], q: list[float], chosen: int) -> DecisionStep:
+    def _record(self, candidates: list[_Candidate], q: list[float], chosen: int) -> DecisionStep:
         return DecisionStep(
             candidates=[
                 CandidateRecord(
-                    text=await self.base.detokenize(c.token_ids), token_ids=c.token_ids, logprob=c.logprob, q=value
+                    text=self.base.tokenizer.decode(c.token_ids), token_ids=c.token_ids, logprob=c.logprob, q=value
                 )
                 for c, value in zip(candidates, q, strict=True)
             ],
@@ -251,13 +257,9 @@ class TransferQStrategy:
         )
         self.limits = limits
 
-    async def render(self, base: Engine, prompt: PromptInput) -> str | None:
+    def render(self, base: Engine, prompt: PromptInput) -> str | None:
         self._check(base)
-        if prompt.messages is not None:
-            if base.info.has_chat_template:
-                return await base.render_chat(prompt.messages)
-            return plain_text_prompt(prompt.messages)
-        return prompt.text
+        return base_prompt_text(base, prompt)
 
     def _check(self, base: Engine) -> None:
         params, info = self.params, base.info
@@ -273,9 +275,10 @@ class TransferQStrategy:
                 param="alignment.transfer_q.top_k",
             )
 
-    def check_budget(self, max_tokens: int) -> None:
+    def check(self, job: GenerationJob) -> None:
+        """The request's work, ``top_k x rollouts x (rollout_tokens + 1) x steps``, within the server's bound."""
         params = self.params
-        steps = math.ceil(max_tokens / params.block_tokens)
+        steps = math.ceil(job.sampling.max_tokens / params.block_tokens)
         work = params.top_k * params.rollouts * (params.rollout_tokens + 1) * steps
         if work > self.limits.max_transfer_q_work:
             raise InvalidRequestError(
@@ -285,24 +288,20 @@ class TransferQStrategy:
                 param="alignment.transfer_q",
             )
 
-    async def generate(self, prepared: Prepared, n: int) -> list[Candidate]:
-        self.check_budget(prepared.sampling.max_tokens)
-        prompt_text = await prepared.prompt_text()
-        seed = prepared.sampling.seed
-
-        async def one(index: int) -> Candidate:
+    async def generate(self, job: GenerationJob, n: int) -> Generation:
+        async def one(seed: int | None) -> Candidate:
             decoding = TransferQ(
-                prepared.engine,
+                job.engine,
                 self.baseline,
                 self.reward,
                 self.params,
-                prompt_ids=prepared.prompt_ids,
-                prompt_text=prompt_text,
-                max_tokens=prepared.sampling.max_tokens,
+                prompt_ids=job.prompt_ids,
+                prompt_text=job.prompt_text,
+                max_tokens=job.sampling.max_tokens,
                 baseline_reward=self.baseline_reward,
-                seed=None if seed is None else seed + index,
+                seed=seed,
             )
             ids, text, finish, details = await decoding.run()
             return Candidate(text, ids, finish, None, {"transfer_q": details})
 
-        return list(await asyncio.gather(*(one(i) for i in range(n))))
+        return Generation(await generate_each(n, job.sampling.seed, one))

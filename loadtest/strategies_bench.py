@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from decoding.base import MeteredEngine, UsageMeter
+from decoding.base import plain_text_prompt
 from decoding.nudging import Nudging, NudgingParams
-from decoding.plain import plain_text_prompt
 from decoding.transfer_q import TransferQ, TransferQParams
+from decoding.usage import MeteredEngine, UsageMeter
 from models.engine import Completion, Engine, Prompt, SamplingParams
 from models.scorers import HFRewardScorer
 from models.tiny import ensure_tiny_models
@@ -68,16 +68,17 @@ async def nudging_run(base: Engine, nudger: Engine, max_tokens: int) -> dict[str
         messages = [{"role": "user", "content": question}]
         meter = UsageMeter()
         metered_base, metered_nudger = MeteredEngine(base, meter), MeteredEngine(nudger, meter)
+        nudger_prompt = nudger.tokenizer.render_chat(messages)
         run = Nudging(
             metered_base, metered_nudger,
-            base_prompt=plain_text_prompt(messages),
-            nudger_prompt=await nudger.render_chat(messages),
+            base_prompt_ids=base.tokenizer.encode(plain_text_prompt(messages)),
+            nudger_prompt_ids=nudger.tokenizer.encode(nudger_prompt, add_special_tokens=False),
             params=params, max_tokens=max_tokens,
         )  # fmt: skip
         started = time.perf_counter()
         text, _, details = await run.run()
         walls.append(time.perf_counter() - started)
-        produced = len(await base.tokenize(text, add_special_tokens=False))
+        produced = len(base.tokenizer.encode(text, add_special_tokens=False))
         tokens.append(produced)
         calls.append(meter.engine_calls)
         fractions.append(details.nudged_token_fraction)
@@ -118,7 +119,7 @@ async def transfer_q_run(base: Engine, baseline: Any, reward: HFRewardScorer, ma
         prompt = plain_text_prompt([{"role": "user", "content": question}])
         run = TransferQ(
             base, baseline, reward, params,
-            prompt_ids=await base.tokenize(prompt), prompt_text=prompt, max_tokens=max_tokens,
+            prompt_ids=base.tokenizer.encode(prompt), prompt_text=prompt, max_tokens=max_tokens,
         )  # fmt: skip
         started = time.perf_counter()
         *_, details = await run.run()

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Literal, Protocol
 if TYPE_CHECKING:
     import torch
 
+    from models.tokenizer import Tokenizer
+
 Prompt = str | Sequence[int]
 """A prompt as text (tokenised by the engine) or as token ids (used as is)."""
 
@@ -30,9 +32,20 @@ class LogitsProcessor(Protocol):
     def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor: ...
 
 
+class LogitsProcessorList(list[LogitsProcessor]):
+    """Processors applied in order, each to the output of the one before (like transformers'
+    ``LogitsProcessorList``); itself a processor."""
+
+    def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        for processor in self:
+            logits = processor(output_ids, logits)
+        return logits
+
+
 LogitsProcessorFactory = Callable[[], LogitsProcessor]
 """Makes a fresh processor per sampled sequence, so stateful processors
-(grammar matchers) never share state between the ``n`` samples."""
+(grammar matchers) never share state between the ``n`` samples. Engines call
+processors only for sequences that have not finished."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,18 +145,13 @@ class EngineInfo:
 
 
 class Engine(Protocol):
-    """A model that tokenises, renders chat prompts and samples."""
+    """A model that samples; its tokenizer turns text into the ids it takes and back."""
 
     @property
     def info(self) -> EngineInfo: ...
 
-    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
-
-    async def detokenize(self, token_ids: Sequence[int]) -> str: ...
-
-    async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
-        """The chat template applied to ``messages``, ending with the assistant cue."""
-        ...
+    @property
+    def tokenizer(self) -> Tokenizer: ...
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion: ...
 

@@ -18,6 +18,12 @@ AligndError (500, internal_error)
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+UNSUPPORTED = "unsupported_parameter"
+"""The pydantic error type of an OpenAI parameter that alignd does not implement."""
+
 
 class AligndError(Exception):
     """Base class: an error with an HTTP status and an OpenAI error shape."""
@@ -104,3 +110,23 @@ class UpstreamError(AligndError):
     status_code = 502
     error_type = "upstream_error"
     code = "upstream_error"
+
+
+def from_validation_errors(errors: Sequence[Mapping[str, Any]], *, prefix: str | None = None) -> InvalidRequestError:
+    """The first of pydantic's errors as a 400 naming its field: the only translation of validation errors,
+    for the request body (``loc`` starts with ``body``) and for anything validated under a ``prefix``."""
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # Union members appear in the location as type names ("list[int]"); keep field names and indices only.
+    names = [part for part in location if part.isidentifier() or part.isdigit()]
+    param = ".".join([prefix, *names] if prefix else names) or None
+    kind, message = first.get("type"), str(first.get("msg"))
+    if kind == "json_invalid":
+        return InvalidRequestError(f"The request body is not valid JSON: {message}")
+    if kind == "missing" and param:
+        return InvalidRequestError(f"`{param}` is required.", param=param)
+    if kind == "extra_forbidden" and param:
+        return InvalidRequestError(f"`{param}` is not a recognised parameter.", param=param)
+    if kind == UNSUPPORTED:
+        return UnsupportedParameterError(message, param=param)
+    return InvalidRequestError(f"`{param}`: {message}" if param else message, param=param)

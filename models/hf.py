@@ -10,13 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from models.engine import (
     Completion,
     EngineInfo,
     FinishReason,
-    LogitsProcessor,
+    LogitsProcessorList,
     Prompt,
     Sample,
     SampleDelta,
@@ -25,7 +25,7 @@ from models.engine import (
     TopLogprob,
 )
 from models.text import IncrementalDetokenizer
-from models.tokenizer import Tokenizer, TokenizerEngineMixin
+from models.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,7 @@ class _Sequence:
 
     index: int
     detokenizer: IncrementalDetokenizer
-    processors: list[LogitsProcessor]
+    processors: LogitsProcessorList
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
@@ -74,7 +74,7 @@ class _Sequence:
         )
 
 
-class HFEngine(TokenizerEngineMixin):
+class HFEngine:
     """A transformers causal LM served in-process.
 
     Generation runs on a bounded pool of worker threads (``workers``), never
@@ -109,7 +109,7 @@ class HFEngine(TokenizerEngineMixin):
         self._device = torch.device(device)
         self._model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         self._model.eval().to(self._device)
-        self.tokenizer = Tokenizer(path, name=name, extra_eos_ids=_as_list(self._model.generation_config.eos_token_id))
+        self._tokenizer = Tokenizer(path, name=name, extra_eos_ids=_as_list(self._model.generation_config.eos_token_id))
         position_limit = int(self._model.config.max_position_embeddings)
         self._info = EngineInfo(
             name=name,
@@ -127,8 +127,12 @@ class HFEngine(TokenizerEngineMixin):
     def info(self) -> EngineInfo:
         return self._info
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
-        prompt_ids = await self._prompt_ids(prompt)
+        prompt_ids = self.tokenizer.prompt_ids(prompt)
         cancelled = threading.Event()
         loop = asyncio.get_running_loop()
         try:
@@ -141,7 +145,7 @@ class HFEngine(TokenizerEngineMixin):
         return list(await asyncio.gather(*(self.generate(prompt, params) for prompt in prompts)))
 
     async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
-        prompt_ids = await self._prompt_ids(prompt)
+        prompt_ids = self.tokenizer.prompt_ids(prompt)
         async with aclosing(self._stream_ids(prompt_ids, params)) as deltas:
             async for delta in deltas:
                 yield delta
@@ -179,7 +183,7 @@ class HFEngine(TokenizerEngineMixin):
             _Sequence(
                 index=i,
                 detokenizer=IncrementalDetokenizer(self.tokenizer.decode, params.stop),
-                processors=[make() for make in params.logits_processors],
+                processors=LogitsProcessorList(make() for make in params.logits_processors),
                 logprobs=[] if params.logprobs is not None else None,
             )
             for i in range(params.n)
@@ -223,8 +227,13 @@ class HFEngine(TokenizerEngineMixin):
         torch = self._torch
         raw = logits.float()
         logprobs = torch.log_softmax(raw, dim=-1)
+        # A finished row's next token is discarded: its processors must not see it (a grammar
+        # processor would take the position after EOS for a new prefix of its language).
         processed = torch.stack(
-            [_apply_processors(seq.processors, seq.token_ids, row) for seq, row in zip(sequences, raw, strict=True)]
+            [
+                row if seq.finish_reason is not None else seq.processors(seq.token_ids, row)
+                for seq, row in zip(sequences, raw, strict=True)
+            ]
         )
         chosen = _sample(processed, params.temperature, params.top_p, generator).tolist()
         step = _StepTokens(ids=chosen, deltas=[])
@@ -264,12 +273,6 @@ class HFEngine(TokenizerEngineMixin):
 class _StepTokens:
     ids: list[int]
     deltas: list[SampleDelta]
-
-
-def _apply_processors(processors: Sequence[LogitsProcessor], output_ids: list[int], logits: Any) -> Any:
-    for processor in processors:
-        logits = processor(output_ids, logits)
-    return logits
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:

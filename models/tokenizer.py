@@ -13,6 +13,11 @@ from models.errors import InvalidRequestError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from models.engine import Prompt
+
+_ANCHOR = "\n"
+"""Text that ends a pre-token in every common tokenizer: continuation text is encoded after it."""
+
 
 class Tokenizer:
     """Tokenises, detokenises and renders chat prompts for one model.
@@ -33,6 +38,7 @@ class Tokenizer:
         self.eos_ids = frozenset(eos | set(extra_eos_ids))
         self.has_chat_template = self.hf.chat_template is not None
         self.fingerprint = vocabulary_fingerprint(self.hf)
+        self._anchor_ids = self.encode(_ANCHOR, add_special_tokens=False)
 
     @property
     def vocab_size(self) -> int:
@@ -40,6 +46,19 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of text that continues text already encoded: no special tokens, and none of the word-initial
+        space that SentencePiece tokenizers put before a text of its own (``"wer"`` after ``" ans"``
+        stays ``wer``, not ``▁wer``)."""
+        anchored = self.encode(_ANCHOR + text, add_special_tokens=False)
+        if anchored[: len(self._anchor_ids)] == self._anchor_ids:
+            return anchored[len(self._anchor_ids) :]
+        return self.encode(text, add_special_tokens=False)  # the text merged into the anchor's pre-token
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """A prompt as ids: text is encoded, token ids are checked against the vocabulary."""
+        return self.encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids`` as a client sees it: special tokens skipped, spaces untouched."""
@@ -71,25 +90,6 @@ class Tokenizer:
         except TemplateError as exc:
             raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from exc
         return str(rendered)
-
-
-class TokenizerEngineMixin:
-    """The text side of the Engine protocol for engines that hold their model's ``Tokenizer``."""
-
-    tokenizer: Tokenizer
-
-    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    async def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(token_ids)
-
-    async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
-        return self.tokenizer.render_chat(messages)
-
-    async def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        """Text is tokenised; token ids are checked against the vocabulary."""
-        return await self.tokenize(prompt) if isinstance(prompt, str) else self.tokenizer.check_ids(prompt)
 
 
 def vocabulary_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

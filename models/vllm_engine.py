@@ -23,13 +23,13 @@ from models.engine import (
     TopLogprob,
 )
 from models.errors import InvalidRequestError, UpstreamError
-from models.tokenizer import Tokenizer, TokenizerEngineMixin
+from models.tokenizer import Tokenizer
 from models.vllm_service import VLLMService
 
 _TOKEN_ID_PREFIX = "token_id:"
 
 
-class VLLMEngine(TokenizerEngineMixin):
+class VLLMEngine:
     """A model served by vLLM workers.
 
     Args:
@@ -53,7 +53,7 @@ class VLLMEngine(TokenizerEngineMixin):
         max_logprobs: int,
         worker_plugins: frozenset[str] = frozenset(),
     ) -> None:
-        self.tokenizer = tokenizer
+        self._tokenizer = tokenizer
         self.service = service
         self._served_name = served_name
         self._info = EngineInfo(
@@ -93,8 +93,12 @@ class VLLMEngine(TokenizerEngineMixin):
     def info(self) -> EngineInfo:
         return self._info
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
-        prompt_ids = await self._prompt_ids(prompt)
+        prompt_ids = self.tokenizer.prompt_ids(prompt)
         body = self._body(prompt_ids, params, stream=False)
         response = await self.service.post_json("/v1/completions", body, affinity=params.affinity)
         choices = sorted(response["choices"], key=lambda choice: choice["index"])
@@ -106,7 +110,7 @@ class VLLMEngine(TokenizerEngineMixin):
 
     async def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
         """One request for every prompt: vLLM numbers the choices prompt by prompt, ``n`` each."""
-        batch = [await self._prompt_ids(prompt) for prompt in prompts]
+        batch = [self.tokenizer.prompt_ids(prompt) for prompt in prompts]
         body = {**self._body(batch[0], params, stream=False), "prompt": batch}
         response = await self.service.post_json("/v1/completions", body, affinity=params.affinity)
         choices = sorted(response["choices"], key=lambda choice: choice["index"])
@@ -118,7 +122,7 @@ class VLLMEngine(TokenizerEngineMixin):
         return completions
 
     async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
-        prompt_ids = await self._prompt_ids(prompt)
+        prompt_ids = self.tokenizer.prompt_ids(prompt)
         body = self._body(prompt_ids, params, stream=True)
         async with aclosing(self.service.stream_json("/v1/completions", body, affinity=params.affinity)) as chunks:
             async for chunk in chunks:

@@ -8,17 +8,17 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from decoding.base import Limits
 from decoding.grammar import GrammarService
 from decoding.guidelines import GuidelineRetriever
 from decoding.pipeline import Pipeline
+from decoding.stages import Services
 from server.admission import AdmissionController
 from server.config import Settings
 from server.engines import ModelRegistry
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.middleware import RequestContextMiddleware
-from server.routes import openai_router, ops_router
+from server.routes import admin_router, openai_router, ops_router
 from server.serving_chat import ChatCompletionHandler
 from server.serving_completion import CompletionHandler
 
@@ -46,23 +46,15 @@ def build_app(settings: Settings) -> FastAPI:
     app.state.admission = AdmissionController(settings.admission, metrics)
     metrics.admission_limits.labels(limit="request_work").set(settings.limits.max_request_work)
     limits = settings.limits
-    pipeline = Pipeline(
-        registry,
-        GuidelineRetriever(registry.libraries),
-        Limits(
-            default_max_tokens=limits.default_max_tokens,
-            max_best_of_n=limits.max_best_of_n,
-            max_nudging_rounds=limits.max_nudging_rounds,
-            max_transfer_q_work=limits.max_transfer_q_work,
-            max_request_work=limits.max_request_work,
-        ),
-        GrammarService(max_grammar_bytes=limits.max_grammar_bytes, max_trie_nodes=limits.max_trie_nodes),
-    )
+    grammars = GrammarService(max_grammar_bytes=limits.max_grammar_bytes, max_trie_nodes=limits.max_trie_nodes)
+    app.state.grammars = grammars
+    pipeline = Pipeline(registry, limits, Services(GuidelineRetriever(registry.libraries), grammars))
     handler_args = (registry, pipeline, settings.profiles, limits, metrics)
     app.state.completion_handler = CompletionHandler(*handler_args)
     app.state.chat_handler = ChatCompletionHandler(*handler_args)
     app.include_router(openai_router)
     app.include_router(ops_router)
+    app.include_router(admin_router)
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

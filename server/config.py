@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from decoding.alignment import parse_alignment
+from decoding.base import Limits
 from models.errors import InvalidRequestError
 
 EMBEDDED_CONFIG = "embedded.yaml"
@@ -41,8 +42,8 @@ class VLLMConfig(BaseModel):
     )
     grammar_plugin: bool = Field(
         default=True,
-        description="Generation workers run alignd's grammar plugin: managed ones are started with it; "
-        "for `urls`, say whether they were (`--logits-processors decoding.vllm_plugin:GrammarLogitsProcessor`).",
+        description="Generation workers run alignd's grammar plugin: managed ones are started with it; for `urls`, "
+        "say whether they were (`--logits-processors decoding.grammar.vllm_plugin:GrammarLogitsProcessor`).",
     )
 
     @field_validator("urls")
@@ -157,28 +158,6 @@ class ProfileConfig(BaseModel):
     alignment: dict[str, Any] = Field(default_factory=dict)
 
 
-class LimitsConfig(BaseModel):
-    """Bounds on what one request may ask for."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_n: int = Field(default=8, ge=1)
-    max_best_of_n: int = Field(default=16, ge=1, description="Largest `alignment.best_of_n.n`.")
-    max_nudging_rounds: int = Field(default=150, ge=1, description="Largest `alignment.nudging.max_rounds`.")
-    max_grammar_bytes: int = Field(default=65_536, ge=1, description="Largest grammar or schema accepted.")
-    max_trie_nodes: int = Field(default=1_000_000, ge=1, description="ASAp: the trie store's node budget (LRU).")
-    max_transfer_q_work: int = Field(
-        default=20_000, ge=1, description="Transfer-Q*: top_k x rollouts x (rollout_tokens + 1) x decision steps."
-    )
-    max_request_work: int = Field(
-        default=262_144,
-        ge=1,
-        description="Compute budget of one request: samples x max_tokens x models (generating engines and scorers).",
-    )
-    max_logprobs: int = Field(default=20, ge=0)
-    default_max_tokens: int = Field(default=256, ge=1, description="Chat `max_tokens` when the client sets none.")
-
-
 class AdmissionConfig(BaseModel):
     """Load shedding per served model: a bounded number of requests in flight, a bounded queue before them."""
 
@@ -209,7 +188,7 @@ class Settings(BaseSettings):
     scorers: list[ScorerConfig] = Field(default_factory=list)
     guidelines: GuidelinesConfig = GuidelinesConfig()
     profiles: list[ProfileConfig] = Field(default_factory=list)
-    limits: LimitsConfig = LimitsConfig()
+    limits: Limits = Limits()
     admission: AdmissionConfig = AdmissionConfig()
     workers: WorkersConfig = WorkersConfig()
 

@@ -15,8 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.errors import AligndError, InvalidRequestError, UnsupportedParameterError
-from server.protocol import UNSUPPORTED
+from models.errors import AligndError, from_validation_errors
 
 logger = logging.getLogger(__name__)
 
@@ -61,27 +60,11 @@ def as_aligned_error(exc: Exception) -> AligndError:
     if isinstance(exc, AligndError):
         return exc
     if isinstance(exc, RequestValidationError):
-        return _from_validation_error(exc)
+        return from_validation_errors(exc.errors())
     if isinstance(exc, StarletteHTTPException):
         return RouteError(str(exc.detail), exc.status_code)
     logger.error("unexpected error", exc_info=exc)
     return InternalServerError()
-
-
-def _from_validation_error(exc: RequestValidationError) -> InvalidRequestError:
-    first = exc.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    # Union members appear in the location as type names ("str", "list[int]"); keep field names only.
-    param = ".".join(part for part in location if part.isidentifier() or part.isdigit()) or None
-    if first.get("type") == "json_invalid":
-        return InvalidRequestError(f"The request body is not valid JSON: {first.get('msg')}")
-    if first.get("type") == "missing" and param:
-        return InvalidRequestError(f"`{param}` is required.", param=param)
-    if first.get("type") == "extra_forbidden" and param:
-        return InvalidRequestError(f"`{param}` is not a recognised parameter.", param=param)
-    if first.get("type") == UNSUPPORTED:
-        return UnsupportedParameterError(str(first.get("msg")), param=param)
-    return InvalidRequestError(f"`{param}`: {first.get('msg')}" if param else str(first.get("msg")), param=param)
 
 
 async def error_response(request: Request, exc: Exception) -> JSONResponse:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from pydantic import BaseModel
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -74,23 +74,33 @@ class Metrics:
             "alignd_transfer_q_decision_steps", "Transfer-Q*: decision steps taken.", ["model"], registry=self.registry
         )
 
+        # What the methods' details report, by (method, field): each answer's value is observed or counted.
+        self.detail_metrics: dict[tuple[str, str], Histogram | Counter] = {
+            ("nudging", "nudged_token_fraction"): self.nudged_fraction,
+            ("transfer_q", "decision_steps"): self.decision_steps,
+        }
+
     def count_tokens(self, model: str, *, prompt: int, completion: int) -> None:
         self.tokens.labels(model=model, kind="prompt").inc(prompt)
         self.tokens.labels(model=model, kind="completion").inc(completion)
 
-    def record_alignment(self, model: str, methods: Iterable[str], engine_calls: int, details: Iterable[Any]) -> None:
+    def record_alignment(
+        self, model: str, methods: Iterable[str], engine_calls: int, details: Iterable[Mapping[str, BaseModel]]
+    ) -> None:
         """Per request: the methods it used, its engine calls, and what each answer's methods reported."""
         for method in methods:
             self.methods.labels(method=method).inc()
         if engine_calls:
             self.engine_calls.labels(model=model).observe(engine_calls)
         for record in details:
-            nudging = record.get("nudging")
-            if nudging is not None:
-                self.nudged_fraction.labels(model=model).observe(nudging.nudged_token_fraction)
-            transfer_q = record.get("transfer_q")
-            if transfer_q is not None:
-                self.decision_steps.labels(model=model).inc(transfer_q.decision_steps)
+            for (method, name), metric in self.detail_metrics.items():
+                value = getattr(record.get(method), name, None)
+                if value is None:
+                    continue
+                if isinstance(metric, Histogram):
+                    metric.labels(model=model).observe(value)
+                else:
+                    metric.labels(model=model).inc(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

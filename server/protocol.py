@@ -22,10 +22,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from decoding.alignment import AlignmentPatch
+from decoding.base import PromptInput
 from decoding.grammar import response_format_grammar
 from models.engine import SamplingParams
-
-UNSUPPORTED = "unsupported_parameter"
+from models.errors import UNSUPPORTED
 
 
 class OpenAIModel(BaseModel):
@@ -55,11 +56,19 @@ class _GenerationRequest(OpenAIModel):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     user: str | None = None
-    # alignd's extension (OpenAI SDKs send it with `extra_body`); validated by the decoding pipeline.
-    alignment: dict[str, Any] | None = Field(
+    # alignd's extension (OpenAI SDKs send it with `extra_body`), typed from the method registry.
+    alignment: AlignmentPatch | None = Field(  # type: ignore[valid-type]
         default=None,
-        description="Alignment methods for this request: guidelines, best_of_n, ...; see the README.",
+        description="alignd's alignment methods for this request, merged over the profile's; see the README.",
     )
+
+    logprobs_param: ClassVar[str] = "logprobs"
+    """The request field that sets the number of logprobs (errors name it)."""
+
+    @property
+    def budget_param(self) -> str:
+        """The request field that sets the token budget (errors name it)."""
+        return "max_tokens"
 
     @field_validator("*", mode="after")
     @classmethod
@@ -82,7 +91,7 @@ class _GenerationRequest(OpenAIModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def sampling_params(self, *, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+    def _sampling(self, *, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         """Sampling as requested; the pipeline sets ``max_tokens`` once it knows the prompt's length."""
         return SamplingParams(
             temperature=self.temperature,
@@ -93,6 +102,10 @@ class _GenerationRequest(OpenAIModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
+
+    def alignment_fields(self) -> dict[str, Any] | None:
+        """The fields of ``alignment`` the client set, as sent (merged over a profile's by the pipeline)."""
+        return None if self.alignment is None else self.alignment.as_sent()
 
 
 class CompletionRequest(_GenerationRequest):
@@ -106,6 +119,21 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = Field(default=None, ge=0)
     max_tokens: int = Field(default=16, ge=1)
     suffix: str | None = None
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def prompt_input(self) -> PromptInput:
+        if isinstance(self.prompt, str):
+            return PromptInput(text=self.prompt)
+        return PromptInput(token_ids=list(self.prompt))
+
+    def sampling_params(self) -> SamplingParams:
+        return self._sampling(logprobs=self.logprobs, prompt_logprobs=self.logprobs if self.echo else None)
+
+    def alignment_object(self) -> dict[str, Any] | None:
+        return self.alignment_fields()
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -165,18 +193,38 @@ class ChatCompletionRequest(_GenerationRequest):
     top_logprobs: int | None = Field(default=None, ge=0)
     web_search_options: dict[str, Any] | None = None
 
-    def alignment_with_response_format(self) -> dict[str, Any] | None:
-        """``response_format`` is a grammar (GCD, as OpenAI's); an explicit ``alignment.grammar`` wins."""
-        if not self.response_format or (self.alignment and "grammar" in self.alignment):
-            return self.alignment
-        grammar = response_format_grammar(self.response_format)
-        if grammar is None:
-            return self.alignment
-        return {**(self.alignment or {}), "grammar": grammar.model_dump()}
+    logprobs_param: ClassVar[str] = "top_logprobs"
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs is not None and not info.data.get("logprobs"):
+            raise PydanticCustomError("logprobs_required", "requires `logprobs` to be true")
+        return top_logprobs
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def budget_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
+    def prompt_input(self) -> PromptInput:
+        return PromptInput(messages=[message.to_template() for message in self.messages])
+
+    def sampling_params(self) -> SamplingParams:
+        return self._sampling(logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+
+    def alignment_object(self) -> dict[str, Any] | None:
+        """``response_format`` is a grammar (GCD, as OpenAI's); an explicit ``alignment.grammar`` wins."""
+        alignment = self.alignment_fields()
+        if not self.response_format or (alignment and "grammar" in alignment):
+            return alignment
+        grammar = response_format_grammar(self.response_format)
+        if grammar is None:
+            return alignment
+        return {**(alignment or {}), "grammar": grammar.model_dump()}
 
 
 # Responses ------------------------------------------------------------------
@@ -245,11 +293,13 @@ class ChatTokenLogprob(TopLogprobOut):
 
 class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
 
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: str | None = None
 
 
 class ChatCompletionChoice(BaseModel):

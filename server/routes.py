@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
+from decoding.grammar import GrammarService, TrieSummary
 from models.errors import EngineUnavailableError
 from server.admission import AdmissionTicket
 from server.disconnect import cancel_on_disconnect
 from server.engines import ModelRegistry
-from server.errors import error_payload
+from server.errors import RouteError, error_payload
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
 from server.serving_chat import ChatCompletionHandler
@@ -36,6 +38,10 @@ def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def _grammars(request: Request) -> GrammarService:
+    return request.app.state.grammars
+
+
 async def _admission_ticket(request: Request) -> AsyncIterator[AdmissionTicket]:
     """The request's admission ticket. FastAPI runs the code after ``yield`` once the response has been
     sent (a stream: its last byte) or the request has failed or been cancelled, so a slot is always freed."""
@@ -51,9 +57,11 @@ ChatHandlerDep = Annotated[ChatCompletionHandler, Depends(_chat_handler)]
 RegistryDep = Annotated[ModelRegistry, Depends(_registry)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 TicketDep = Annotated[AdmissionTicket, Depends(_admission_ticket)]
+GrammarsDep = Annotated[GrammarService, Depends(_grammars)]
 
 openai_router = APIRouter(prefix="/v1")
 ops_router = APIRouter()
+admin_router = APIRouter(prefix="/admin", tags=["admin"])
 
 
 @openai_router.get("/models")
@@ -101,3 +109,32 @@ async def ready(registry: RegistryDep) -> JSONResponse:
 @ops_router.get("/metrics")
 async def metrics(metrics: MetricsDep) -> Response:
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+class TrieList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TrieSummary]
+
+
+class TriesDeleted(BaseModel):
+    deleted: int
+
+
+@admin_router.get("/grammar/tries")
+async def list_tries(grammars: GrammarsDep) -> TrieList:
+    """What ASAp has learned in this gateway (in-process engines; vLLM workers keep their own tries)."""
+    return TrieList(data=grammars.store.summaries())
+
+
+@admin_router.delete("/grammar/tries/{key}")
+async def drop_trie(key: str, grammars: GrammarsDep) -> TriesDeleted:
+    """Forgets one key's trie: its next request samples like GCD again."""
+    if not grammars.store.drop(key):
+        raise RouteError(f"There is no ASAp trie with the key `{key}`.", 404)
+    return TriesDeleted(deleted=1)
+
+
+@admin_router.delete("/grammar/tries")
+async def drop_tries(grammars: GrammarsDep) -> TriesDeleted:
+    """Forgets every trie."""
+    return TriesDeleted(deleted=grammars.store.clear())

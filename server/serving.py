@@ -7,23 +7,23 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
-from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from decoding.alignment import parse_alignment
-from decoding.base import Candidate, PromptInput
-from decoding.pipeline import AlignedRequest, Pipeline, PipelineResult, Prepared
-from models.engine import Engine, SampleDelta, SamplingParams
+from decoding.base import Candidate, Limits
+from decoding.events import ChoiceFinished, StreamEvent
+from decoding.pipeline import AlignedRequest, Pipeline, Prepared
+from models.engine import Engine
 from models.errors import InvalidRequestError, WorkBudgetExceededError
 from server.admission import AdmissionTicket
-from server.config import LimitsConfig, ProfileConfig
+from server.config import ProfileConfig
 from server.engines import ModelRegistry
 from server.errors import as_aligned_error, error_payload
 from server.metrics import Metrics
-from server.protocol import Usage
+from server.protocol import ChatCompletionRequest, CompletionRequest, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class OpenAIServing:
         registry: ModelRegistry,
         pipeline: Pipeline,
         profiles: list[ProfileConfig],
-        limits: LimitsConfig,
+        limits: Limits,
         metrics: Metrics,
     ) -> None:
         self.registry = registry
@@ -50,37 +50,28 @@ class OpenAIServing:
         self.metrics = metrics
 
     async def prepare(
-        self,
-        raw: Request,
-        ticket: AdmissionTicket,
-        *,
-        model: str,
-        prompt: PromptInput,
-        sampling: SamplingParams,
-        alignment: dict[str, Any] | None,
-        requested_max_tokens: int | None,
-        budget_param: str = "max_tokens",
-        logprobs_param: str = "logprobs",
+        self, raw: Request, ticket: AdmissionTicket, request: CompletionRequest | ChatCompletionRequest
     ) -> Prepared:
         """Resolves the model (or profile) and checks the request's own fields; then waits for an admission
         slot of the model, and validates limits, alignment and the compute budget while running the prompt
         stage. Cheap checks come first so bad input is refused without queueing."""
-        profile = self.profiles.get(model)
-        engine = self.registry.get(profile.model if profile else model)
-        raw.state.model = model
+        profile = self.profiles.get(request.model)
+        engine = self.registry.get(profile.model if profile else request.model)
+        raw.state.model = request.model
+        sampling = request.sampling_params()
         self._check_n(sampling.n)
-        self._check_logprobs(engine, sampling.logprobs, param=logprobs_param)
-        request = AlignedRequest(
+        self._check_logprobs(engine, sampling.logprobs, param=request.logprobs_param)
+        aligned = AlignedRequest(
             engine=engine,
-            prompt=prompt,
+            prompt=request.prompt_input(),
             sampling=sampling,
-            alignment=parse_alignment(alignment, profile.alignment if profile else None),
-            requested_max_tokens=requested_max_tokens,
-            budget_param=budget_param,
+            alignment=parse_alignment(request.alignment_object(), profile.alignment if profile else None),
+            requested_max_tokens=request.requested_max_tokens,
+            budget_param=request.budget_param,
         )
         await ticket.admit(engine.info.name)
         try:
-            prepared = await self.pipeline.prepare(request)
+            prepared = await self.pipeline.prepare(aligned)
         except WorkBudgetExceededError:
             self.metrics.admission_rejected.labels(model=engine.info.name, reason="work_budget").inc()
             raise
@@ -106,21 +97,15 @@ class OpenAIServing:
         )
         return Usage.of(meter.prompt_tokens, meter.completion_tokens)
 
-    async def stream_events(
-        self, model: str, prepared: Prepared
-    ) -> AsyncGenerator[SampleDelta | tuple[int, Candidate] | Usage, None]:
-        """What a stream shows, in order: token deltas (plain generation) or the selected answers with
-        their choice index (once chosen), then the request's usage."""
-        selected: list[Candidate] = []
-        async with aclosing(self.pipeline.stream(prepared)) as items:
-            async for item in items:
-                if isinstance(item, PipelineResult):
-                    selected = item.choices
-                    for choice in enumerate(item.choices):
-                        yield choice
-                elif item.text or item.finish_reason is not None or item.logprobs is not None:
-                    yield item
-        yield self.finish(model, prepared, selected)
+    async def stream_events(self, model: str, prepared: Prepared) -> AsyncGenerator[StreamEvent | Usage, None]:
+        """What a stream shows, in order: the pipeline's events, then the request's usage."""
+        finished: list[Candidate] = []
+        async with aclosing(self.pipeline.stream(prepared)) as events:
+            async for event in events:
+                if isinstance(event, ChoiceFinished):
+                    finished.append(event.candidate)
+                yield event
+        yield self.finish(model, prepared, finished)
 
     def event_stream(self, request: Request, chunks: AsyncGenerator[BaseModel, None]) -> EventSourceResponse:
         """SSE in OpenAI's framing: ``data: {json}`` per chunk, an error chunk on failure, then ``[DONE]``."""

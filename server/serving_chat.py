@@ -8,10 +8,10 @@ from contextlib import aclosing
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
-from decoding.base import PromptInput
-from decoding.pipeline import Candidate, Prepared, details_json
-from models.engine import SampleDelta, TokenLogprob
-from models.errors import InvalidRequestError
+from decoding.base import Candidate
+from decoding.events import ChoiceFinished, TextDelta
+from decoding.pipeline import Prepared, details_json
+from models.engine import TokenLogprob
 from server.admission import AdmissionTicket
 from server.protocol import (
     ChatChoiceLogprobs,
@@ -24,6 +24,7 @@ from server.protocol import (
     ChatTokenLogprob,
     DeltaMessage,
     TopLogprobOut,
+    Usage,
     new_id,
     now,
 )
@@ -36,19 +37,7 @@ class ChatCompletionHandler(OpenAIServing):
     async def create(
         self, request: ChatCompletionRequest, raw: Request, ticket: AdmissionTicket
     ) -> ChatCompletionResponse | EventSourceResponse:
-        if request.top_logprobs is not None and not request.logprobs:
-            raise InvalidRequestError("`top_logprobs` requires `logprobs` to be true.", param="top_logprobs")
-        prepared = await self.prepare(
-            raw,
-            ticket,
-            model=request.model,
-            prompt=PromptInput(messages=[message.to_template() for message in request.messages]),
-            sampling=request.sampling_params(logprobs=(request.top_logprobs or 0) if request.logprobs else None),
-            alignment=request.alignment_with_response_format(),
-            requested_max_tokens=request.requested_max_tokens,
-            budget_param="max_completion_tokens" if request.max_completion_tokens else "max_tokens",
-            logprobs_param="top_logprobs",
-        )
+        prepared = await self.prepare(raw, ticket, request)
         if request.stream:
             return self.event_stream(raw, self._chunks(request, prepared))
         result = await self.pipeline.run(prepared)
@@ -83,30 +72,22 @@ class ChatCompletionHandler(OpenAIServing):
         )
         async with aclosing(self.stream_events(request.model, prepared)) as events:
             async for event in events:
-                if isinstance(event, SampleDelta):
-                    yield chunk([self._delta_chunk(event)])
-                elif isinstance(event, tuple):
-                    yield chunk([self._final_chunk(*event, prepared)])
-                elif request.stream_options and request.stream_options.include_usage:
-                    yield ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=[],
-                                              usage=event)  # fmt: skip
+                match event:
+                    case TextDelta(index=index, text=text, logprobs=logprobs):
+                        delta = DeltaMessage(content=text) if text else DeltaMessage()
+                        yield chunk([ChatChunkChoice(index=index, delta=delta, logprobs=chat_logprobs(logprobs))])
+                    case ChoiceFinished(index=index, candidate=candidate):
+                        yield chunk([self._finish_chunk(index, candidate, prepared)])
+                    case Usage() if request.stream_options and request.stream_options.include_usage:
+                        yield ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=[],
+                                                  usage=event)  # fmt: skip
 
     @staticmethod
-    def _delta_chunk(delta: SampleDelta) -> ChatChunkChoice:
-        return ChatChunkChoice(
-            index=delta.index,
-            delta=DeltaMessage(content=delta.text) if delta.text else DeltaMessage(),
-            logprobs=chat_logprobs(delta.logprobs),
-            finish_reason=delta.finish_reason,
-        )
-
-    @staticmethod
-    def _final_chunk(index: int, candidate: Candidate, prepared: Prepared) -> ChatChunkChoice:
-        """A selected answer arrives whole, in one chunk."""
+    def _finish_chunk(index: int, candidate: Candidate, prepared: Prepared) -> ChatChunkChoice:
+        """A choice's last chunk, as OpenAI sends it: an empty delta with the finish reason (and our details)."""
         return ChatChunkChoice(
             index=index,
-            delta=DeltaMessage(content=candidate.text),
-            logprobs=chat_logprobs(candidate.logprobs),
+            delta=DeltaMessage(),
             finish_reason=candidate.finish_reason,
             alignment=details_json(candidate) if prepared.request.alignment.return_details else None,
         )

@@ -8,15 +8,17 @@ from contextlib import aclosing
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
-from decoding.base import PromptInput
-from decoding.pipeline import Candidate, Prepared, details_json
-from models.engine import SampleDelta, TokenLogprob
+from decoding.base import Candidate
+from decoding.events import ChoiceFinished, TextDelta
+from decoding.pipeline import PipelineResult, Prepared, details_json
+from models.engine import TokenLogprob
 from server.admission import AdmissionTicket
 from server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    Usage,
     new_id,
     now,
 )
@@ -31,27 +33,12 @@ class CompletionHandler(OpenAIServing):
     async def create(
         self, request: CompletionRequest, raw: Request, ticket: AdmissionTicket
     ) -> CompletionResponse | EventSourceResponse:
-        prompt = (
-            PromptInput(text=request.prompt)
-            if isinstance(request.prompt, str)
-            else PromptInput(token_ids=list(request.prompt))
-        )
-        prepared = await self.prepare(
-            raw,
-            ticket,
-            model=request.model,
-            prompt=prompt,
-            sampling=request.sampling_params(
-                logprobs=request.logprobs, prompt_logprobs=request.logprobs if request.echo else None
-            ),
-            alignment=request.alignment,
-            requested_max_tokens=request.max_tokens,
-        )
+        prepared = await self.prepare(raw, ticket, request)
         if request.stream:
             return self.event_stream(raw, self._chunks(request, prepared))
         result = await self.pipeline.run(prepared)
-        prefix = await prepared.prompt_text() if request.echo else ""
-        prompt_entries = await self._prompt_entries(prepared) if prepared.prompt_logprobs else []
+        prefix = prepared.job.prompt_text if request.echo else ""
+        prompt_entries = self._prompt_entries(prepared, result) if result.prompt_logprobs else []
         choices = [self._choice(i, c, prepared, prefix, prompt_entries) for i, c in enumerate(result.choices)]
         return CompletionResponse(
             id=new_id("cmpl"),
@@ -77,12 +64,13 @@ class CompletionHandler(OpenAIServing):
         )
 
     @staticmethod
-    async def _prompt_entries(prepared: Prepared) -> list[LogprobEntry]:
+    def _prompt_entries(prepared: Prepared, result: PipelineResult) -> list[LogprobEntry]:
         """(token text, logprob record) per prompt token; the first token has no logprob."""
-        entries: list[LogprobEntry] = []
-        for token_id, record in zip(prepared.prompt_ids, prepared.prompt_logprobs or [], strict=True):
-            entries.append((record.token if record else await prepared.engine.detokenize([token_id]), record))
-        return entries
+        decode = prepared.job.engine.tokenizer.decode
+        return [
+            (record.token if record else decode([token_id]), record)
+            for token_id, record in zip(result.prompt_ids, result.prompt_logprobs or [], strict=True)
+        ]
 
     async def _chunks(self, request: CompletionRequest, prepared: Prepared) -> AsyncGenerator[CompletionResponse, None]:
         response_id, created = new_id("cmpl"), now()
@@ -92,19 +80,23 @@ class CompletionHandler(OpenAIServing):
 
         async with aclosing(self.stream_events(request.model, prepared)) as events:
             async for event in events:
-                if isinstance(event, SampleDelta):
-                    yield chunk([self._delta_choice(event)])
-                elif isinstance(event, tuple):
-                    yield chunk([self._choice(*event, prepared)])
-                elif request.stream_options and request.stream_options.include_usage:
-                    yield CompletionResponse(id=response_id, created=created, model=request.model, choices=[],
-                                             usage=event)  # fmt: skip
+                match event:
+                    case TextDelta(index=index, text=text, logprobs=records):
+                        logprobs = None if records is None else completion_logprobs([(r.token, r) for r in records])
+                        yield chunk([CompletionChoice(index=index, text=text, logprobs=logprobs)])
+                    case ChoiceFinished(index=index, candidate=candidate):
+                        yield chunk([self._finish_choice(index, candidate, prepared)])
+                    case Usage() if request.stream_options and request.stream_options.include_usage:
+                        yield CompletionResponse(id=response_id, created=created, model=request.model, choices=[],
+                                                 usage=event)  # fmt: skip
 
     @staticmethod
-    def _delta_choice(delta: SampleDelta) -> CompletionChoice:
-        logprobs = None if delta.logprobs is None else completion_logprobs([(r.token, r) for r in delta.logprobs])
+    def _finish_choice(index: int, candidate: Candidate, prepared: Prepared) -> CompletionChoice:
         return CompletionChoice(
-            index=delta.index, text=delta.text, logprobs=logprobs, finish_reason=delta.finish_reason
+            index=index,
+            text="",
+            finish_reason=candidate.finish_reason,
+            alignment=details_json(candidate) if prepared.request.alignment.return_details else None,
         )
 
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import math
 import random
+from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Mapping, Sequence
 
+from decoding.base import Limits, Resources
+from decoding.grammar import GrammarService
+from decoding.guidelines import GuidelineLibrary, GuidelineRetriever
+from decoding.pipeline import Pipeline
+from decoding.stages import Services
 from models.engine import (
     Completion,
     EngineInfo,
@@ -20,30 +26,58 @@ from models.errors import InvalidRequestError
 from models.scorers import Scorer
 
 
-class CategoricalEngine:
-    """Each sample is one whole answer drawn from a fixed categorical distribution.
+class FakeTokenizer(ABC):
+    """The text side of a fake engine; subclasses say what a token is."""
 
-    Tokens are characters (``ord``), so prompts and answers round-trip exactly.
-    """
+    has_chat_template = True
+
+    @abstractmethod
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+    def encode_continuation(self, text: str) -> list[int]:
+        return self.encode(text, add_special_tokens=False)
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        return self.encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt)
+
+    def check_ids(self, token_ids: Sequence[int]) -> list[int]:
+        if not token_ids:
+            raise InvalidRequestError("Token ids must be a non-empty list.", param="prompt")
+        return list(token_ids)
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode([token_id])
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
+
+
+class CharTokenizer(FakeTokenizer):
+    """Tokens are characters (``ord``), so prompts and answers round-trip exactly."""
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join(chr(t) for t in token_ids)
+
+
+class CategoricalEngine:
+    """Each sample is one whole answer drawn from a fixed categorical distribution (tokens are characters)."""
 
     def __init__(self, answers: Mapping[str, float], *, name: str = "fake", max_model_len: int = 4096) -> None:
         self.answers = list(answers)
         self.weights = list(answers.values())
         self.calls: list[SamplingParams] = []
         self._info = EngineInfo(name, max_model_len, 20, True, "chars")
+        self.tokenizer = CharTokenizer()
 
     @property
     def info(self) -> EngineInfo:
         return self._info
-
-    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return [ord(c) for c in text]
-
-    async def detokenize(self, token_ids: Sequence[int]) -> str:
-        return "".join(chr(t) for t in token_ids)
-
-    async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
-        return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
 
     def _samples(self, params: SamplingParams) -> list[Sample]:
         self.calls.append(params)
@@ -52,8 +86,7 @@ class CategoricalEngine:
         return [Sample(i, text, [ord(c) for c in text], "stop") for i, text in enumerate(texts)]
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
-        ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        return Completion(ids, self._samples(params))
+        return Completion(self.tokenizer.prompt_ids(prompt), self._samples(params))
 
     async def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
         return [await self.generate(prompt, params) for prompt in prompts]
@@ -101,6 +134,29 @@ class FakeResources:
 EOS = "<eos>"
 
 
+class WordTokenizer(FakeTokenizer):
+    """Words are tokens: text splits on whitespace; decoded words are spelled with a leading space."""
+
+    def __init__(self, vocabulary: dict[str, int], *, chat_template: bool) -> None:
+        self.vocabulary = vocabulary
+        self.has_chat_template = chat_template
+
+    def id(self, word: str) -> int:
+        return self.vocabulary.setdefault(word, len(self.vocabulary))
+
+    def word(self, token_id: int) -> str:
+        return next(word for word, i in self.vocabulary.items() if i == token_id)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return [self.id(word) for word in text.split()]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join(f" {self.word(t)}" for t in token_ids if t != 0)
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        return "".join(f"[{m['role']}] {m['content']}\n" for m in messages) + "[assistant]\n"
+
+
 class WordEngine:
     """A word-level LM with exact next-word tables: ``table[last word][next word] = p``.
 
@@ -123,32 +179,19 @@ class WordEngine:
         # Engines given the same vocabulary dict share token ids (like models sharing a tokenizer).
         self.vocabulary = vocabulary if vocabulary is not None else {EOS: 0}
         self.vocabulary.setdefault(EOS, 0)
+        self.tokenizer = WordTokenizer(self.vocabulary, chat_template=chat_template)
         self.generate_calls: list[tuple[list[int], SamplingParams]] = []
         self.batch_calls = 0
         tokenizer_id = f"words-{id(self.vocabulary)}"
         self._info = EngineInfo(name, 4096, 20, chat_template, tokenizer_id, frozenset({0}))
+        self._id, self._word = self.tokenizer.id, self.tokenizer.word
 
     @property
     def info(self) -> EngineInfo:
         return self._info
 
-    def _id(self, word: str) -> int:
-        return self.vocabulary.setdefault(word, len(self.vocabulary))
-
-    def _word(self, token_id: int) -> str:
-        return next(word for word, i in self.vocabulary.items() if i == token_id)
-
     def distribution(self, last: str) -> dict[str, float]:
         return self.table.get(last, self.default)
-
-    async def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return [self._id(word) for word in text.split()]
-
-    async def detokenize(self, token_ids: Sequence[int]) -> str:
-        return "".join(f" {self._word(t)}" for t in token_ids if t != 0)
-
-    async def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
-        return "".join(f"[{m['role']}] {m['content']}\n" for m in messages) + "[assistant]\n"
 
     def _record(self, last: str, word: str, k: int) -> TokenLogprob:
         row = self.distribution(last)
@@ -157,7 +200,7 @@ class WordEngine:
         return TokenLogprob(self._id(word), f" {word}", math.log(row.get(word, 1e-12)), top)
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
-        ids = await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer.prompt_ids(prompt)
         self.generate_calls.append((ids, params))
         rng = random.Random(params.seed)
         samples = []
@@ -197,3 +240,8 @@ class WordEngine:
 
     async def close(self) -> None:
         return None
+
+
+def make_pipeline(resources: Resources, limits: Limits | None = None, **libraries: GuidelineLibrary) -> Pipeline:
+    """A pipeline over fake resources with the server-wide services (guideline libraries, a grammar store)."""
+    return Pipeline(resources, limits or Limits(), Services(GuidelineRetriever(libraries), GrammarService()))

@@ -12,11 +12,10 @@ from scipy.stats import chisquare
 from decoding.alignment import parse_alignment
 from decoding.base import Limits, PromptInput
 from decoding.best_of_n import BestOfNParams, canonical_answer, selection_order, soft_probabilities
-from decoding.guidelines import GuidelineRetriever
 from decoding.pipeline import AlignedRequest, Pipeline
 from models.engine import SamplingParams
 from models.errors import InvalidRequestError
-from tests.fakes import CategoricalEngine, FakeResources, TableScorer
+from tests.fakes import CategoricalEngine, FakeResources, TableScorer, make_pipeline
 
 # Answers in increasing reward order, with their probabilities under the toy LM.
 P = {"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1}
@@ -42,7 +41,7 @@ def pipeline(
 ) -> tuple[Pipeline, CategoricalEngine]:
     engine = CategoricalEngine(answers)
     resources = FakeResources(scorers=scorers or [TableScorer(REWARD)])
-    return Pipeline(resources, GuidelineRetriever({}), Limits(max_best_of_n=64)), engine
+    return make_pipeline(resources, Limits(max_best_of_n=64)), engine
 
 
 async def run(pipe: Pipeline, engine: CategoricalEngine, alignment: dict, *, n: int = 1, seed: int | None = None):

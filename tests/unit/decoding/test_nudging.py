@@ -8,12 +8,11 @@ import pytest
 
 from decoding.alignment import parse_alignment
 from decoding.base import Limits, PromptInput
-from decoding.guidelines import GuidelineRetriever
 from decoding.nudging import Nudging, NudgingParams
 from decoding.pipeline import AlignedRequest, Pipeline
 from models.engine import SamplingParams
 from models.errors import InvalidRequestError
-from tests.fakes import EOS, FakeResources, TableScorer, WordEngine
+from tests.fakes import EOS, FakeResources, TableScorer, WordEngine, make_pipeline
 
 BASE = {
     "A:": {"The": 0.5, "Well": 0.5},
@@ -60,8 +59,8 @@ async def nudge(gamma: float, base: WordEngine | None = None, nudger: WordEngine
     run = Nudging(
         base,
         nudger,
-        base_prompt=str(options.pop("base_prompt", BASE_PROMPT)),
-        nudger_prompt=str(options.pop("nudger_prompt", NUDGER_PROMPT)),
+        base_prompt_ids=base.tokenizer.encode(str(options.pop("base_prompt", BASE_PROMPT))),
+        nudger_prompt_ids=nudger.tokenizer.encode(str(options.pop("nudger_prompt", NUDGER_PROMPT))),
         params=params(gamma, **options),
         max_tokens=40,
     )
@@ -148,7 +147,7 @@ def pipeline(scorers: list[TableScorer] | None = None) -> tuple[Pipeline, WordEn
         },
         scorers=scorers or [],
     )
-    return Pipeline(resources, GuidelineRetriever({}), Limits(max_nudging_rounds=20)), base
+    return make_pipeline(resources, Limits(max_nudging_rounds=20)), base
 
 
 async def run(pipe: Pipeline, base: WordEngine, alignment: dict, *, n: int = 1):

@@ -13,12 +13,11 @@ from scipy.stats import chisquare
 
 from decoding.alignment import parse_alignment
 from decoding.base import Limits, PromptInput
-from decoding.guidelines import GuidelineRetriever
 from decoding.pipeline import AlignedRequest, Pipeline
 from decoding.transfer_q import TransferQ, TransferQParams, decision_probabilities, self_normalised_q
 from models.engine import SamplingParams
 from models.errors import InvalidRequestError
-from tests.fakes import EOS, FakeResources, WordEngine
+from tests.fakes import EOS, FakeResources, WordEngine, make_pipeline
 
 BASE = {
     "go": {"a": 0.5, "b": 0.3, "c": 0.2},
@@ -75,7 +74,7 @@ async def decode(
         baseline,
         scorer or FunctionScorer(reward_of),
         params,
-        prompt_ids=await base.tokenize(PROMPT),
+        prompt_ids=base.tokenizer.encode(PROMPT),
         prompt_text=PROMPT,
         max_tokens=max_tokens,
         baseline_reward=FunctionScorer(reward_of, "same") if params.mode == "indirect" else None,
@@ -181,7 +180,7 @@ def pipeline() -> tuple[Pipeline, WordEngine]:
         engines={"baseline": baseline, "other": other},
         scorers=[FunctionScorer(reward_of), FunctionScorer(reward_of, "r2")],
     )
-    return Pipeline(resources, GuidelineRetriever({}), Limits(max_transfer_q_work=500)), base
+    return make_pipeline(resources, Limits(max_transfer_q_work=500)), base
 
 
 async def run(pipe: Pipeline, base: WordEngine, alignment: dict, max_tokens: int = 4):

@@ -37,7 +37,7 @@ async def test_n_samples_share_the_prompt_and_differ(engine: HFEngine):
     completion = await engine.generate(PROMPT, SamplingParams(max_tokens=12, n=4, seed=3))
     assert [sample.index for sample in completion.samples] == [0, 1, 2, 3]
     assert len({tuple(sample.token_ids) for sample in completion.samples}) == 4
-    assert completion.prompt_token_ids == await engine.tokenize(PROMPT)
+    assert completion.prompt_token_ids == engine.tokenizer.encode(PROMPT)
     assert completion.completion_tokens == sum(len(s.token_ids) for s in completion.samples)
 
 
@@ -135,7 +135,7 @@ class ForceToken:
 
 
 async def test_logits_processors_shape_the_samples_but_not_the_logprobs(engine: HFEngine):
-    token = (await engine.tokenize(" value"))[0]
+    token = engine.tokenizer.encode(" value")[0]
 
     def make() -> LogitsProcessor:
         return ForceToken(token)
@@ -146,9 +146,29 @@ async def test_logits_processors_shape_the_samples_but_not_the_logprobs(engine: 
         assert sample.logprobs is not None and all(record.logprob < 0 for record in sample.logprobs)
 
 
+async def test_processors_are_not_called_for_finished_sequences(engine: HFEngine):
+    """Sample 0 ends at once (EOS forced), sample 1 runs to the budget: 0's processor sees one position only."""
+    eos, token = min(engine.tokenizer.eos_ids), engine.tokenizer.encode(" value")[0]
+    seen: list[list[int]] = []
+
+    class EndFirst(ForceToken):
+        def __init__(self) -> None:
+            super().__init__(eos if not seen else token)
+            self.calls: list[int] = []
+            seen.append(self.calls)
+
+        def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+            self.calls.append(len(output_ids))
+            return super().__call__(output_ids, logits)
+
+    completion = await engine.generate(PROMPT, SamplingParams(max_tokens=6, n=2, logits_processors=(EndFirst,)))
+    assert [s.finish_reason for s in completion.samples] == ["stop", "length"]
+    assert seen == [[0], [0, 1, 2, 3, 4, 5]]
+
+
 async def test_closing_a_stream_stops_generation(engine: HFEngine):
     steps = [0]
-    token = (await engine.tokenize(" value"))[0]
+    token = engine.tokenizer.encode(" value")[0]
     params = SamplingParams(max_tokens=1500, logits_processors=(lambda: ForceToken(token, steps),))
     stream = engine.stream(PROMPT, params)
     await anext(stream)
@@ -161,7 +181,7 @@ async def test_closing_a_stream_stops_generation(engine: HFEngine):
 
 async def test_cancelling_generate_stops_the_worker(engine: HFEngine):
     steps = [0]
-    token = (await engine.tokenize(" value"))[0]
+    token = engine.tokenizer.encode(" value")[0]
     params = SamplingParams(max_tokens=1500, logits_processors=(lambda: ForceToken(token, steps),))
     task = asyncio.create_task(engine.generate(PROMPT, params))
     while steps[0] == 0:
@@ -183,10 +203,10 @@ async def test_token_id_prompts_are_checked(engine: HFEngine):
 
 async def test_chat_template_rendering(tiny_models: Path, engine: HFEngine):
     chat = HFEngine("tiny-chat", tiny_models / "chat")
-    rendered = await chat.render_chat([{"role": "user", "content": "Hi"}])
+    rendered = chat.tokenizer.render_chat([{"role": "user", "content": "Hi"}])
     assert rendered == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     with pytest.raises(InvalidRequestError):
-        await engine.render_chat([{"role": "user", "content": "Hi"}])
+        engine.tokenizer.render_chat([{"role": "user", "content": "Hi"}])
 
 
 def test_workers_bound_concurrency(tiny_models: Path):
@@ -205,7 +225,7 @@ def test_workers_bound_concurrency(tiny_models: Path):
             return super().__call__(output_ids, logits)
 
     async def main() -> None:
-        token = (await engine.tokenize(" value"))[0]
+        token = engine.tokenizer.encode(" value")[0]
         params = SamplingParams(max_tokens=max_tokens, logits_processors=(lambda: Track(token),))
         await asyncio.gather(*(engine.generate(PROMPT, params) for _ in range(6)))
 

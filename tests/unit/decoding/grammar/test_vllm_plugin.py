@@ -26,9 +26,9 @@ from vllm import SamplingParams
 from vllm.sampling_params import StructuredOutputsParams
 from vllm.v1.sample.logits_processor import BatchUpdate
 
-from decoding.grammar import VLLM_GRAMMAR_PLUGIN, WORKER_ARG, GrammarCompiler, GrammarLogitsProcessor, GrammarParams
-from decoding.vllm_plugin import GrammarLogitsProcessor as PluginProcessor
-from decoding.vllm_plugin import GrammarProcessorV1, GrammarProcessorV2, RequestGrammar
+from decoding.grammar import VLLM_GRAMMAR_PLUGIN, WORKER_ARG, GrammarCompiler, GrammarParams, grammar_processors
+from decoding.grammar.vllm_plugin import GrammarLogitsProcessor as PluginProcessor
+from decoding.grammar.vllm_plugin import GrammarProcessorV1, GrammarProcessorV2, RequestGrammar
 from models.tokenizer import Tokenizer
 
 REGEX = GrammarParams(syntax="regex", grammar="(yes|no)(,(yes|no))*", mode="gcd")
@@ -122,7 +122,7 @@ def test_v1_outputs_are_in_the_language_and_equal_the_cores(tokenizer: Tokenizer
 
     compiled = processor.grammars.compiler.compile(REGEX)
     for history, raw, processed in rows:  # each row equals the core's for that history
-        reference = GrammarLogitsProcessor(compiled, vocab_size=tokenizer.vocab_size, max_tokens=MAX_TOKENS)
+        reference = grammar_processors(compiled, vocab_size=tokenizer.vocab_size, max_tokens=MAX_TOKENS)
         assert torch.equal(processed, reference(history, raw))
     for output in outputs:
         check = matcher(tokenizer, REGEX)
@@ -188,7 +188,7 @@ def test_v2_reads_the_runners_buffers_and_equals_the_core(tokenizer: Tokenizer):
         raw = torch.randn(len(sequences), tokenizer.vocab_size, generator=generator)
         processed = processor.apply(raw.clone(), ctx)  # type: ignore[arg-type]
         for row, slot in enumerate(ctx.expanded_idx_mapping.tolist()):
-            reference = GrammarLogitsProcessor(compiled, vocab_size=tokenizer.vocab_size, max_tokens=MAX_TOKENS)
+            reference = grammar_processors(compiled, vocab_size=tokenizer.vocab_size, max_tokens=MAX_TOKENS)
             assert torch.equal(processed[row], reference(sequences[slot][len(prompts[slot]) :], raw[row]))
             sequences[slot].append(sample(processed[row], generator))
         sequences = {slot: s for slot, s in sequences.items() if s[-1] not in tokenizer.eos_ids}
@@ -243,6 +243,6 @@ def test_a_failing_sequence_ends_with_eos_instead_of_stopping_the_engine(tokeniz
 def test_the_plugin_imports_only_what_the_vllm_image_provides():
     gateway_only = ["fastapi", "uvicorn", "sse_starlette", "httpx_sse", "pydantic_settings", "prometheus_client",
                     "rapidfuzz", "sentence_transformers", "server"]  # fmt: skip
-    code = f"import sys\nfor name in {gateway_only!r}: sys.modules[name] = None\nimport decoding.vllm_plugin\n"
+    code = f"import sys\nfor name in {gateway_only!r}: sys.modules[name] = None\nimport decoding.grammar.vllm_plugin\n"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

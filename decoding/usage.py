@@ -1,0 +1,108 @@
+"""Usage metering: every engine call of one request counts into its ``UsageMeter``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from decoding.base import Resources
+from models.engine import Completion, Engine, EngineInfo, Prompt, SampleDelta, SamplingParams
+
+if TYPE_CHECKING:
+    from models.scorers import Scorer
+    from models.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class ModelUsage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class UsageMeter:
+    """Tokens by model, over every engine call of one request."""
+
+    by_model: dict[str, ModelUsage] = field(default_factory=dict)
+    engine_calls: int = 0
+    models: set[str] = field(default_factory=set)
+    """Every engine and scorer the request resolved, known before any work."""
+
+    def record(self, model: str, *, prompt: int, completion: int) -> None:
+        usage = self.by_model.setdefault(model, ModelUsage())
+        usage.prompt_tokens += prompt
+        usage.completion_tokens += completion
+
+    def record_completion(self, model: str, completion: Completion) -> None:
+        self.record(model, prompt=len(completion.prompt_token_ids), completion=completion.completion_tokens)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(usage.prompt_tokens for usage in self.by_model.values())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(usage.completion_tokens for usage in self.by_model.values())
+
+
+class MeteredEngine:
+    """An engine whose calls are counted into a request's ``UsageMeter``.
+
+    Prompt tokens count once per call (the ``n`` samples of a call share a prefill).
+    """
+
+    def __init__(self, engine: Engine, meter: UsageMeter) -> None:
+        self.engine = engine
+        self.meter = meter
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
+        self.meter.engine_calls += 1
+        completion = await self.engine.generate(prompt, params)
+        self.meter.record_completion(self.info.name, completion)
+        return completion
+
+    async def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        self.meter.engine_calls += 1
+        completions = await self.engine.generate_batch(prompts, params)
+        for completion in completions:
+            self.meter.record_completion(self.info.name, completion)
+        return completions
+
+    async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
+        self.meter.engine_calls += 1
+        self.meter.record(self.info.name, prompt=len(self.tokenizer.prompt_ids(prompt)), completion=0)
+        async with aclosing(self.engine.stream(prompt, params)) as deltas:
+            async for delta in deltas:
+                self.meter.record(self.info.name, prompt=0, completion=len(delta.token_ids))
+                yield delta
+
+    async def close(self) -> None:
+        return None
+
+
+class MeteredResources:
+    """Resources whose engines count into one request's meter."""
+
+    def __init__(self, resources: Resources, meter: UsageMeter) -> None:
+        self._resources = resources
+        self.meter = meter
+
+    def engine(self, name: str, *, param: str) -> Engine:
+        engine = MeteredEngine(self._resources.engine(name, param=param), self.meter)
+        self.meter.models.add(name)
+        return engine
+
+    def scorer(self, name: str, *, param: str) -> Scorer:
+        scorer = self._resources.scorer(name, param=param)
+        self.meter.models.add(name)
+        return scorer
