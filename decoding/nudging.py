@@ -1,24 +1,15 @@
 """Nudging (Fei, Razeghi, Singh 2024): a base model writes, a small aligned nudger steps in where it is unsure.
 
-Word level, so the two models may have different tokenizers and families. The
-base sees its prompt (its chat template, else plain text: system, turns, an answer
-cue), the nudger its chat template; both are followed by the answer so far.
+Word level, so the two models may have different tokenizers. The answer starts with the
+nudger's first word; the base continues in chunks (``logprobs=1``) and stops before its
+first token with top-1 probability ``p1 < gamma``; the nudger then writes whole words (to
+the next space) and hands back at the first boundary where the base is confident again or
+the base's own next token begins the nudger's next word (one base call with prompt
+logprobs scores every boundary). It ends on either model's EOS or a stop string, the
+budget, ``max_rounds``, or the same nudge three rounds in a row.
 
-- The answer starts with the nudger's first word.
-- The base continues in chunks (``logprobs=1``); before each token it checks its
-  top-1 probability ``p1``; at the first token with ``p1 < gamma`` (strict) it stops.
-- The nudger then completes whole words (a word runs to the next space; newlines
-  are not boundaries) and hands back at the first word boundary where the base is
-  confident again (``p1 >= gamma``) or where the base's own next token is a prefix
-  of the nudger's next word. One base call with the candidate nudge appended and
-  prompt logprobs gives ``p1`` at every boundary at once.
-- Generation ends on either model's EOS or a stop string, the token budget,
-  ``max_rounds``, or a repetition guard (the same nudge three rounds in a row).
-
-Each model continues from its own token ids for the text it wrote; only the other
-model's text is encoded for it, as a continuation (``Tokenizer.encode_continuation``),
-and models that share a tokenizer exchange token ids. Re-encoding a model's own text
-would change its greedy continuation at every hand-over.
+Each model continues from its own token ids for the text it wrote (``decoding.transcript``):
+re-encoding a model's own text would change its greedy continuation at every hand-over.
 """
 
 from __future__ import annotations
@@ -150,9 +141,7 @@ class Nudging:
                 break
             chunk = await self._base_chunk()
             if chunk.piece.text:
-                answer += chunk.piece.text
-                self.base_view.add(chunk.piece)
-                self.nudger_view.add(chunk.piece)
+                answer += self._share(chunk.piece)
                 _append(spans, self.base.info.name, chunk.piece.text)
             if chunk.finish is not None:
                 stopped_by = "eos" if chunk.finish == "stop" else "length"
@@ -169,9 +158,7 @@ class Nudging:
                 break
             keep = await self._handback(nudge)
             piece = self._nudger_piece(nudge, keep)
-            answer += piece.text
-            self.nudger_view.add(piece)
-            self.base_view.add(piece)
+            answer += self._share(piece)
             spans.append(NudgedSpan(source=self.nudger.info.name, text=piece.text, base_p1=chunk.uncertain_p1))
             if nudge.finished and keep == len(nudge.words):
                 stopped_by = "eos"
@@ -189,6 +176,12 @@ class Nudging:
             stopped_by=stopped,
         )
         return answer, finish, details
+
+    def _share(self, piece: Piece) -> str:
+        """Shows a piece of the answer to both models; returns its text."""
+        self.base_view.add(piece)
+        self.nudger_view.add(piece)
+        return piece.text
 
     def _begin(self, first: _Nudge) -> str:
         """The answer's first word: the nudger keeps its own tokens (leading spaces included), the answer
@@ -210,16 +203,10 @@ class Nudging:
             return answer, "length"
         return answer, None
 
-    def _sampling(
-        self, max_tokens: int, *, logprobs: int | None = None, prompt_logprobs: int | None = None
-    ) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=self.params.temperature,
-            seed=self.seed,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-        )
+    def _sampling(self, max_tokens: int, logprobs: int | None = None, prompt: int | None = None) -> SamplingParams:
+        """Both models sample alike; ``logprobs`` for generated tokens, ``prompt`` for the prompt's."""
+        return SamplingParams(max_tokens=max_tokens, temperature=self.params.temperature, seed=self.seed,
+                              logprobs=logprobs, prompt_logprobs=prompt)  # fmt: skip
 
     async def _base_chunk(self) -> _BaseChunk:
         """Base continuation within the budget, cut before its first token with ``p1 < gamma``."""
@@ -252,7 +239,7 @@ class Nudging:
         if len(words) == 1:
             return 1
         full = self.base_view.ids_with(self._nudger_piece(nudge, len(words)))
-        probe = await self.base.generate(full, self._sampling(1, prompt_logprobs=1))
+        probe = await self.base.generate(full, self._sampling(1, prompt=1))
         logprobs = probe.prompt_logprobs or []
         for keep in range(1, len(words)):
             prefix = self.base_view.ids_with(self._nudger_piece(nudge, keep))

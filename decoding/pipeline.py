@@ -136,11 +136,17 @@ class Pipeline:
     async def stream(self, prepared: Prepared) -> AsyncGenerator[StreamEvent, None]:
         strategy = prepared.strategy
         if isinstance(strategy, PlainStrategy) and prepared.selection is None:
+            # Text streams as it is made; the choices end together, once every sample has: their details
+            # (a trie's size, say) then describe the request as a whole, exactly as ``run``'s do.
+            finished: list[ChoiceFinished] = []
             async with aclosing(strategy.stream(prepared.job)) as events:
                 async for event in events:
                     if isinstance(event, ChoiceFinished):
-                        event = ChoiceFinished(event.index, self._finish(prepared, event.candidate))
-                    yield event
+                        finished.append(event)
+                    else:
+                        yield event
+            for event in sorted(finished, key=lambda event: event.index):
+                yield ChoiceFinished(event.index, self._finish(prepared, event.candidate))
             return
         # Nothing can be shown before the strategy (and the selection) are done: each choice arrives whole.
         result = await self.run(prepared)

@@ -273,12 +273,14 @@ class CompletionChoice(BaseModel):
 
 
 class CompletionResponse(BaseModel):
+    """A completion, or one chunk of a streamed one (OpenAI's schema has no null ``usage``: chunks omit it)."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
+    usage: Usage | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class TopLogprobOut(BaseModel):
