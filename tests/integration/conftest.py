@@ -5,6 +5,7 @@ import openai
 import pytest
 
 from server.testing import RemoteAligndServer
+from tests.conftest import VLLM_STACK
 
 CONFIG = """\
 model_root: {root}
@@ -26,7 +27,7 @@ profiles:
       guidelines: {{top_k: 2, threshold: 0.0}}
       best_of_n: {{n: 4, reward: rm}}
 limits:
-  max_n: 4
+  max_n: 8
   max_logprobs: 5
   default_max_tokens: 32
   max_best_of_n: 8
@@ -42,6 +43,18 @@ def server(
     config = directory / "alignd.yaml"
     config.write_text(CONFIG.format(root=tiny_models, embeddings=embeddings_cache))
     with RemoteAligndServer(config, directory / "alignd.log") as live:
+        yield live
+
+
+@pytest.fixture(params=["in-process", VLLM_STACK])
+def stack(request: pytest.FixtureRequest) -> RemoteAligndServer:
+    """A test that must hold on both engines: the in-process gateway, then the one with vLLM CPU workers."""
+    return request.getfixturevalue("server" if request.param == "in-process" else "vllm_gateway")
+
+
+@pytest.fixture
+def stack_client(stack: RemoteAligndServer) -> Iterator[openai.OpenAI]:
+    with stack.client() as live:
         yield live
 
 

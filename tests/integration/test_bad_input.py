@@ -49,7 +49,7 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None, str]] = [
      "context_length_exceeded"),
     ("seed-beyond-int64", "completions", {"model": "tiny-base", "prompt": "x", "seed": 2**64}, 400, "seed",
      "invalid_request"),
-    ("n-too-large", "completions", {"model": "tiny-base", "prompt": "x", "n": 5}, 400, "n", "invalid_request"),
+    ("n-too-large", "completions", {"model": "tiny-base", "prompt": "x", "n": 9}, 400, "n", "invalid_request"),
     ("n-zero", "chat/completions", {"model": "tiny-chat", "messages": USER, "n": 0}, 400, "n", "invalid_request"),
     ("logprobs-too-many", "completions", {"model": "tiny-base", "prompt": "x", "logprobs": 6}, 400, "logprobs",
      "invalid_request"),

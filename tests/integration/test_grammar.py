@@ -1,4 +1,5 @@
-"""Grammar-constrained and grammar-aligned sampling through the HTTP API, on the in-process engine."""
+"""Grammar-constrained and grammar-aligned sampling through the HTTP API: on both engines (``stack_client``:
+the in-process engine and vLLM CPU workers running alignd's plugin), and on the in-process engine."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def details(choice: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("mode", ["asap", "gcd"])
-def test_every_output_is_in_the_language(client: openai.OpenAI, mode: str):
-    completion = client.completions.create(
+def test_every_output_is_in_the_language(stack_client: openai.OpenAI, mode: str):
+    completion = stack_client.completions.create(
         model="tiny-base",
         prompt="Answer:",
         max_tokens=40,
@@ -38,6 +39,7 @@ def test_every_output_is_in_the_language(client: openai.OpenAI, mode: str):
         seed=3,
         extra_body={"alignment": {"grammar": {**YES_NO, "mode": mode}, "return_details": True}},
     )
+    assert any(details(choice)["grammar"]["complete"] for choice in completion.choices)
     for choice in completion.choices:
         record = details(choice)["grammar"]
         assert record["mode"] == mode
@@ -48,8 +50,8 @@ def test_every_output_is_in_the_language(client: openai.OpenAI, mode: str):
             assert choice.finish_reason == "length" and YES_NO_RE.match(choice.text + "yes") is not None
 
 
-def test_json_schema_outputs_validate(client: openai.OpenAI):
-    chat = client.chat.completions.create(
+def test_json_schema_outputs_validate(stack_client: openai.OpenAI):
+    chat = stack_client.chat.completions.create(
         model="tiny-chat",
         messages=[{"role": "user", "content": "Reply in JSON."}],
         max_tokens=96,
@@ -103,15 +105,17 @@ def test_a_grammar_that_cannot_complete_is_cut_off_and_flagged(client: openai.Op
     assert "abcdefghijklmnopqrstuvwxyz0123456789abcdefghij".startswith(choice.text)
 
 
-def test_grammar_with_best_of_n(client: openai.OpenAI):
-    completion = client.completions.create(
+def test_grammar_with_best_of_n(stack_client: openai.OpenAI):
+    completion = stack_client.completions.create(
         model="tiny-base",
         prompt="Answer:",
         max_tokens=30,
-        extra_body={"alignment": {"grammar": YES_NO, "best_of_n": {"n": 4, "reward": "rm"}, "return_details": True}},
+        extra_body={"alignment": {"grammar": YES_NO, "best_of_n": {"n": 3, "reward": "rm"}, "return_details": True}},
     )
     record = details(completion.choices[0])
-    assert {"grammar", "best_of_n"} <= set(record)
+    assert {"grammar", "best_of_n"} <= set(record) and len(record["best_of_n"]["candidates"]) == 3
+    if record["grammar"]["complete"]:
+        assert YES_NO_RE.fullmatch(completion.choices[0].text)
 
 
 @pytest.mark.parametrize(
@@ -139,3 +143,21 @@ def test_bad_response_format(server: RemoteAligndServer):
     body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+
+
+def test_what_asap_learned_can_be_listed_and_reset(server: RemoteAligndServer, client: openai.OpenAI):
+    body = {"grammar": {**YES_NO, "mode": "asap"}, "return_details": True}
+    completion = client.completions.create(model="tiny-base", prompt="Admin:", max_tokens=12, n=2, seed=1,
+                                           extra_body={"alignment": body})  # fmt: skip
+    record = details(completion.choices[0])["grammar"]
+    listed = {entry["key"]: entry for entry in httpx.get(f"{server.url}/admin/grammar/tries").json()["data"]}
+    entry = listed[record["trie_key"]]
+    assert entry["nodes"] == record["trie_nodes"] and entry["root_efg"] == record["root_efg"]
+    assert entry["model"] == "tiny-base" and entry["grammar_hash"] == record["grammar_hash"]
+    assert httpx.delete(f"{server.url}/admin/grammar/tries/{record['trie_key']}").json() == {"deleted": 1}
+    assert record["trie_key"] not in {e["key"] for e in httpx.get(f"{server.url}/admin/grammar/tries").json()["data"]}
+    missing = httpx.delete(f"{server.url}/admin/grammar/tries/{record['trie_key']}")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    again = client.completions.create(model="tiny-base", prompt="Admin:", max_tokens=12, n=2, seed=1,
+                                      extra_body={"alignment": body})  # fmt: skip
+    assert details(again.choices[0])["grammar"] == record  # a fresh trie learns the same way again
