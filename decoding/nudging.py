@@ -124,58 +124,66 @@ class Nudging:
         self.stop = stop
         self.seed = seed
         self.separator = separator
+        self.answer = ""
+        self.spans: list[NudgedSpan] = []
+        self.rounds = 0
+        self.recent: deque[str] = deque(maxlen=3)
 
     async def run(self) -> tuple[str, FinishReason, NudgingDetails]:
-        answer, spans, rounds = "", [], 0
-        recent: deque[str] = deque(maxlen=3)
+        """The nudged answer, its finish reason and what happened (call once per instance)."""
         first = await self._nudger_words()
         stopped_by: StopCause | None = None
         if first.words:
-            answer = self._begin(first)
-            spans.append(NudgedSpan(source=self.nudger.info.name, text=answer))
+            self._begin(first)
         if not first.words or (first.finished and len(first.words) == 1):
             stopped_by = "eos"
         while stopped_by is None:
-            answer, stopped_by = self._check_end(answer)
-            if stopped_by is not None:
-                break
-            chunk = await self._base_chunk()
-            if chunk.piece.text:
-                answer += self._share(chunk.piece)
-                _append(spans, self.base.info.name, chunk.piece.text)
-            if chunk.finish is not None:
-                stopped_by = "eos" if chunk.finish == "stop" else "length"
-                break
-            if chunk.uncertain_p1 is None:
-                continue
-            if rounds == self.params.max_rounds:
-                stopped_by = "max_rounds"
-                break
-            rounds += 1
-            nudge = await self._nudger_words()
-            if not nudge.words:
-                stopped_by = "eos"
-                break
-            keep = await self._handback(nudge)
-            piece = self._nudger_piece(nudge, keep)
-            answer += self._share(piece)
-            spans.append(NudgedSpan(source=self.nudger.info.name, text=piece.text, base_p1=chunk.uncertain_p1))
-            if nudge.finished and keep == len(nudge.words):
-                stopped_by = "eos"
-            recent.append(piece.text)
-            if len(recent) == 3 and len(set(recent)) == 1:
-                stopped_by = "repetition"
-        answer, cut = _cut_at_stop(answer, self.stop)
-        stopped: StopCause = "stop" if cut or stopped_by is None else stopped_by
+            stopped_by = await self._step()
+        answer, cut = _cut_at_stop(self.answer, self.stop)
+        stopped: StopCause = "stop" if cut else stopped_by
         finish: FinishReason = "length" if stopped in ("length", "max_rounds") else "stop"
         details = NudgingDetails(
             nudger=self.nudger.info.name,
-            spans=spans,
-            nudged_token_fraction=self._nudged_fraction(spans),
-            rounds=rounds,
+            spans=self.spans,
+            nudged_token_fraction=self._nudged_fraction(self.spans),
+            rounds=self.rounds,
             stopped_by=stopped,
         )
         return answer, finish, details
+
+    async def _step(self) -> StopCause | None:
+        """A base chunk and, where the base became unsure, a nudge; why generation ends, if it does."""
+        self.answer, cut = _cut_at_stop(self.answer, self.stop)
+        if cut:
+            return "stop"
+        if self.base_view.answer_tokens() >= self.max_tokens:
+            return "length"
+        chunk = await self._base_chunk()
+        if chunk.piece.text:
+            self.answer += self._share(chunk.piece)
+            _append(self.spans, self.base.info.name, chunk.piece.text)
+        if chunk.finish is not None:
+            return "eos" if chunk.finish == "stop" else "length"
+        if chunk.uncertain_p1 is None:
+            return None
+        if self.rounds == self.params.max_rounds:
+            return "max_rounds"
+        return await self._nudge(chunk.uncertain_p1)
+
+    async def _nudge(self, base_p1: float) -> StopCause | None:
+        """The nudger's words up to the hand-back boundary."""
+        self.rounds += 1
+        nudge = await self._nudger_words()
+        if not nudge.words:
+            return "eos"
+        keep = await self._handback(nudge)
+        piece = self._nudger_piece(nudge, keep)
+        self.answer += self._share(piece)
+        self.spans.append(NudgedSpan(source=self.nudger.info.name, text=piece.text, base_p1=base_p1))
+        self.recent.append(piece.text)
+        if len(self.recent) == 3 and len(set(self.recent)) == 1:
+            return "repetition"
+        return "eos" if nudge.finished and keep == len(nudge.words) else None
 
     def _share(self, piece: Piece) -> str:
         """Shows a piece of the answer to both models; returns its text."""
@@ -183,7 +191,7 @@ class Nudging:
         self.nudger_view.add(piece)
         return piece.text
 
-    def _begin(self, first: _Nudge) -> str:
+    def _begin(self, first: _Nudge) -> None:
         """The answer's first word: the nudger keeps its own tokens (leading spaces included), the answer
         and the base drop the leading spaces and the base sees its separator instead."""
         own = self._nudger_piece(first, 1)
@@ -193,15 +201,8 @@ class Nudging:
         separator = lead if self.separator is None else self.separator
         shared = own if separator == lead else Piece(separator + word, [], own.vocabulary, 0)
         self.base_view.add(shared)
-        return word
-
-    def _check_end(self, answer: str) -> tuple[str, StopCause | None]:
-        answer, cut = _cut_at_stop(answer, self.stop)
-        if cut:
-            return answer, "stop"
-        if self.base_view.answer_tokens() >= self.max_tokens:
-            return answer, "length"
-        return answer, None
+        self.answer = word
+        self.spans.append(NudgedSpan(source=self.nudger.info.name, text=word))
 
     def _sampling(self, max_tokens: int, logprobs: int | None = None, prompt: int | None = None) -> SamplingParams:
         """Both models sample alike; ``logprobs`` for generated tokens, ``prompt`` for the prompt's."""

@@ -13,8 +13,6 @@ from models.errors import InvalidRequestError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from models.engine import Prompt
-
 _ANCHOR = "\n"
 """Text that ends a pre-token in every common tokenizer: continuation text is encoded after it."""
 
@@ -56,7 +54,7 @@ class Tokenizer:
             return anchored[len(self._anchor_ids) :]
         return self.encode(text, add_special_tokens=False)  # the text merged into the anchor's pre-token
 
-    def prompt_ids(self, prompt: Prompt) -> list[int]:
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         """A prompt as ids: text is encoded, token ids are checked against the vocabulary."""
         return self.encode(prompt) if isinstance(prompt, str) else self.check_ids(prompt)
 
