@@ -22,6 +22,22 @@ def ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/$defs/{name}"}
 
 
+def response(kind: str, choice: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
+    """What every completion object has: id, ``object``, created, model, choices, usage."""
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"enum": [kind]},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": {"type": "object", **choice}},
+            "usage": usage,
+        },
+    }
+
+
 TOP_LOGPROB = {
     "type": "object",
     "required": ["token", "logprob", "bytes"],
@@ -62,30 +78,19 @@ DEFINITIONS: dict[str, Any] = {
             "refusal": nullable({"type": "string"}),
         },
     },
-    "CreateChatCompletionResponse": {
-        "type": "object",
-        "required": ["choices", "created", "id", "model", "object"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"enum": ["chat.completion"]},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["finish_reason", "index", "message", "logprobs"],
-                    "properties": {
-                        "finish_reason": {"enum": ["stop", "length", "tool_calls", "content_filter", "function_call"]},
-                        "index": {"type": "integer"},
-                        "message": ref("ChatCompletionResponseMessage"),
-                        "logprobs": ref("ChoiceLogprobs"),
-                    },
-                },
+    "CreateChatCompletionResponse": response(
+        "chat.completion",
+        {
+            "required": ["finish_reason", "index", "message", "logprobs"],
+            "properties": {
+                "finish_reason": {"enum": ["stop", "length", "tool_calls", "content_filter", "function_call"]},
+                "index": {"type": "integer"},
+                "message": ref("ChatCompletionResponseMessage"),
+                "logprobs": ref("ChoiceLogprobs"),
             },
-            "usage": ref("CompletionUsage"),
         },
-    },
+        ref("CompletionUsage"),
+    ),
     "ChatCompletionStreamResponseDelta": {
         "type": "object",
         "properties": {
@@ -94,73 +99,49 @@ DEFINITIONS: dict[str, Any] = {
             "refusal": nullable({"type": "string"}),
         },
     },
-    "CreateChatCompletionStreamResponse": {
-        "type": "object",
-        "required": ["choices", "created", "id", "model", "object"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"enum": ["chat.completion.chunk"]},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["delta", "finish_reason", "index"],
-                    "properties": {
-                        "delta": ref("ChatCompletionStreamResponseDelta"),
-                        "logprobs": ref("ChoiceLogprobs"),
-                        "finish_reason": nullable(
-                            {"enum": ["stop", "length", "tool_calls", "content_filter", "function_call"]}
-                        ),
-                        "index": {"type": "integer"},
-                    },
-                },
+    "CreateChatCompletionStreamResponse": response(
+        "chat.completion.chunk",
+        {
+            "required": ["delta", "finish_reason", "index"],
+            "properties": {
+                "delta": ref("ChatCompletionStreamResponseDelta"),
+                "logprobs": ref("ChoiceLogprobs"),
+                "finish_reason": nullable(
+                    {"enum": ["stop", "length", "tool_calls", "content_filter", "function_call"]}
+                ),
+                "index": {"type": "integer"},
             },
-            "usage": nullable(ref("CompletionUsage")),
         },
-    },
-    "CreateCompletionResponse": {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"enum": ["text_completion"]},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["finish_reason", "index", "logprobs", "text"],
-                    "properties": {
-                        # API: streamed chunks (the spec has no schema of their own) carry null until the last.
-                        "finish_reason": nullable({"enum": ["stop", "length", "content_filter"]}),
-                        "index": {"type": "integer"},
-                        "logprobs": nullable(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "text_offset": {"type": "array", "items": {"type": "integer"}},
-                                    # API: with `echo`, the first prompt token's logprob is null.
-                                    "token_logprobs": {"type": "array", "items": nullable({"type": "number"})},
-                                    "tokens": {"type": "array", "items": {"type": "string"}},
-                                    "top_logprobs": {
-                                        "type": "array",
-                                        "items": nullable(
-                                            {"type": "object", "additionalProperties": {"type": "number"}}
-                                        ),
-                                    },
-                                },
-                            }
-                        ),
-                        "text": {"type": "string"},
-                    },
-                },
+        nullable(ref("CompletionUsage")),
+    ),
+    "CreateCompletionResponse": response(
+        "text_completion",
+        {
+            "required": ["finish_reason", "index", "logprobs", "text"],
+            "properties": {
+                # API: streamed chunks (the spec has no schema of their own) carry null until the last.
+                "finish_reason": nullable({"enum": ["stop", "length", "content_filter"]}),
+                "index": {"type": "integer"},
+                "logprobs": nullable(
+                    {
+                        "type": "object",
+                        "properties": {
+                            "text_offset": {"type": "array", "items": {"type": "integer"}},
+                            # API: with `echo`, the first prompt token's logprob is null.
+                            "token_logprobs": {"type": "array", "items": nullable({"type": "number"})},
+                            "tokens": {"type": "array", "items": {"type": "string"}},
+                            "top_logprobs": {
+                                "type": "array",
+                                "items": nullable({"type": "object", "additionalProperties": {"type": "number"}}),
+                            },
+                        },
+                    }
+                ),
+                "text": {"type": "string"},
             },
-            "usage": ref("CompletionUsage"),
         },
-    },
+        ref("CompletionUsage"),
+    ),
     "Model": {
         "type": "object",
         "required": ["id", "object", "created", "owned_by"],
