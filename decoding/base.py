@@ -135,6 +135,10 @@ def with_n(params: SamplingParams, n: int) -> SamplingParams:
     return replace(params, n=n)
 
 
+NEXT_TURN = "\nUser:"
+"""Where a plain-text chat's answer ends: a base model that writes it has begun the next turn itself."""
+
+
 def plain_text_prompt(messages: Sequence[Mapping[str, str]], cue: str = "Assistant:") -> str:
     """A chat as plain text, for base models without a chat template: system text, turns, an answer cue."""
     lines = []

@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from decoding.base import (
+    NEXT_TURN,
     Candidate,
     Generation,
     GenerationJob,
@@ -139,29 +140,28 @@ class Nudging:
             stopped_by = "eos"
         while stopped_by is None:
             stopped_by = await self._step()
-        answer, cut = _cut_at_stop(self.answer, self.stop)
-        stopped: StopCause = "stop" if cut else stopped_by
-        finish: FinishReason = "length" if stopped in ("length", "max_rounds") else "stop"
+        answer, _ = _cut_at_stop(self.answer, self.stop)
+        spans = _within(self.spans, len(answer))
+        finish: FinishReason = "length" if stopped_by in ("length", "max_rounds") else "stop"
         details = NudgingDetails(
             nudger=self.nudger.info.name,
-            spans=self.spans,
-            nudged_token_fraction=self._nudged_fraction(self.spans),
+            spans=spans,
+            nudged_token_fraction=self._nudged_fraction(spans),
             rounds=self.rounds,
-            stopped_by=stopped,
+            stopped_by=stopped_by,
         )
         return answer, finish, details
 
     async def _step(self) -> StopCause | None:
         """A base chunk and, where the base became unsure, a nudge; why generation ends, if it does."""
-        self.answer, cut = _cut_at_stop(self.answer, self.stop)
-        if cut:
-            return "stop"
         if self.base_view.answer_tokens() >= self.max_tokens:
             return "length"
         chunk = await self._base_chunk()
         if chunk.piece.text:
             self.answer += self._share(chunk.piece)
             _append(self.spans, self.base.info.name, chunk.piece.text)
+        if _cut_at_stop(self.answer, self.stop)[1]:
+            return "stop"
         if chunk.finish is not None:
             return "eos" if chunk.finish == "stop" else "length"
         if chunk.uncertain_p1 is None:
@@ -180,6 +180,8 @@ class Nudging:
         piece = self._nudger_piece(nudge, keep)
         self.answer += self._share(piece)
         self.spans.append(NudgedSpan(source=self.nudger.info.name, text=piece.text, base_p1=base_p1))
+        if _cut_at_stop(self.answer, self.stop)[1]:
+            return "stop"
         self.recent.append(piece.text)
         if len(self.recent) == 3 and len(set(self.recent)) == 1:
             return "repetition"
@@ -255,12 +257,18 @@ class Nudging:
         return len(words)
 
     def _nudged_fraction(self, spans: list[NudgedSpan]) -> float:
-        """Counted in base tokens of each span's text (a measure only; nothing is generated from it)."""
+        """The share of the answer's base tokens that lie in nudged spans, the answer tokenised as the base sees
+        it after its prompt (a measure only; nothing is generated from it). A span owns the tokens its text
+        adds to the tokenisation of the text before it, so a word is counted once, as the base would write it."""
         encode = self.base.tokenizer.encode
-        counts = [len(encode(span.text, add_special_tokens=False)) for span in spans]
-        nudged = sum(c for c, span in zip(counts, spans, strict=True) if span.source == self.nudger.info.name)
-        total = sum(counts)
-        return nudged / total if total else 0.0
+        text, before, nudged = self.separator or "", 0, 0
+        for span in spans:
+            text += span.text
+            after = len(encode(text, add_special_tokens=False))
+            if span.source == self.nudger.info.name:
+                nudged += after - before
+            before = after
+        return nudged / before if before else 0.0
 
 
 def _append(spans: list[NudgedSpan], source: str, text: str) -> None:
@@ -268,6 +276,17 @@ def _append(spans: list[NudgedSpan], source: str, text: str) -> None:
         spans[-1].text += text
     else:
         spans.append(NudgedSpan(source=source, text=text))
+
+
+def _within(spans: list[NudgedSpan], length: int) -> list[NudgedSpan]:
+    """The spans of the answer's first ``length`` characters (what a stop string left of it)."""
+    kept, end = [], 0
+    for span in spans:
+        if end >= length:
+            break
+        kept.append(span.model_copy(update={"text": span.text[: length - end]}))
+        end += len(span.text)
+    return [span for span in kept if span.text]
 
 
 def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -308,7 +327,10 @@ class NudgingStrategy:
         tokenizer = self.nudger.tokenizer
         nudger_prompt = tokenizer.encode(tokenizer.render_chat(messages), add_special_tokens=False)
         # A base on its chat template is prompted like the nudger; after a plain-text cue it needs a space.
-        separator = None if prompt.messages is not None and job.engine.info.has_chat_template else " "
+        on_template = job.engine.info.has_chat_template
+        separator = None if prompt.messages is not None and on_template else " "
+        # A chat rendered as plain text ends where the base starts the next turn of the transcript itself.
+        stop = job.sampling.stop if on_template or prompt.messages is None else (*job.sampling.stop, NEXT_TURN)
 
         async def one(seed: int | None) -> Candidate:
             nudging = Nudging(
@@ -318,7 +340,7 @@ class NudgingStrategy:
                 nudger_prompt_ids=nudger_prompt,
                 params=self.params,
                 max_tokens=job.sampling.max_tokens,
-                stop=job.sampling.stop,
+                stop=stop,
                 seed=seed,
                 separator=separator,
             )
