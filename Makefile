@@ -9,6 +9,7 @@ CONFIG ?=
 STACK ?= embedded
 USERS ?= 8
 DURATION ?= 60s
+TOY_WORLD := ~/.cache/alignd/toy-world
 
 .PHONY: install serve test lint loadtest bench clean
 
@@ -35,7 +36,9 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# The toy world's effect tests need it; built here, with a progress bar, unless cached (about 6 minutes).
 test: lint
+	HF_HUB_OFFLINE=1 $(BIN)/alignd make-toy-world $(TOY_WORLD)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
 
 # A local stack under locust for a bounded time; CSV, HTML and a JSON summary in loadtest/results/locust/.

@@ -1,6 +1,6 @@
 """Local gateway stacks the load tests and benchmarks run against, as alignd configs.
 
-- ``embedded``: the embedded default (tiny models in-process; ``make serve``).
+- ``embedded``: the tiny models in-process (``deploy/tiny-models.yaml``).
 - ``vllm-cpu``: the same tiny models behind managed vLLM CPU workers (the base and chat models), the reward
   model in-process, and admission bounds sized for a 2-core machine.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ def vllm_cpu_config(models: Path, logs: Path, admission: dict[str, Any] | None =
 
 
 def embedded_config() -> dict[str, Any]:
-    return yaml.safe_load(resources.files("server").joinpath("embedded.yaml").read_text())
+    return yaml.safe_load((Path(__file__).parents[1] / "deploy" / "tiny-models.yaml").read_text())
 
 
 @contextlib.contextmanager

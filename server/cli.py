@@ -1,4 +1,4 @@
-"""``alignd``: serve the gateway, or build the tiny offline models."""
+"""``alignd``: serve the gateway, build the toy world, or build the tiny offline models."""
 
 from __future__ import annotations
 
@@ -16,9 +16,14 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the OpenAI-compatible gateway")
-    serve.add_argument("--config", type=Path, help="YAML configuration (default: the embedded tiny models)")
+    serve.add_argument("--config", type=Path, help="YAML configuration (default: the embedded toy world)")
     serve.add_argument("--host", help="overrides `host`")
     serve.add_argument("--port", type=int, help="overrides `port`")
+
+    world = commands.add_parser("make-toy-world", help="generate the toy world and train its models into DIR")
+    world.add_argument("directory", type=Path)
+    world.add_argument("--seed", type=int, default=0, help="the world and its training (default 0)")
+    world.add_argument("--force", action="store_true", help="rebuild even if DIR holds this seed's world already")
 
     tiny = commands.add_parser("make-tiny-models", help="build the tiny random offline models into DIR")
     tiny.add_argument("directory", type=Path)
@@ -29,7 +34,21 @@ def main(argv: list[str] | None = None) -> int:
 
         print(make_tiny_models(args.directory))
         return 0
+    if args.command == "make-toy-world":
+        return _make_toy_world(args.directory, args.seed, force=args.force)
     return _serve(args.config, host=args.host, port=args.port)
+
+
+def _make_toy_world(directory: Path, seed: int, *, force: bool) -> int:
+    from toyworld.build import ToyWorldError, ensure_toy_world, make_toy_world
+
+    _quiet_libraries()
+    try:
+        print(make_toy_world(directory, seed) if force else ensure_toy_world(directory, seed))
+    except ToyWorldError as exc:
+        print(f"alignd: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _serve(config: Path | None, *, host: str | None, port: int | None) -> int:
@@ -53,6 +72,16 @@ def _serve(config: Path | None, *, host: str | None, port: int | None) -> int:
 
         logger.info("preparing tiny models", extra={"path": str(settings.model_root)})
         ensure_tiny_models(settings.model_root)
+    if settings.toy_world:
+        from toyworld.build import ToyWorldError, ensure_toy_world, toy_world_ready
+
+        if not toy_world_ready(settings.model_root):
+            logger.info("building the toy world (first start: a few minutes)", extra={"path": str(settings.model_root)})
+        try:
+            ensure_toy_world(settings.model_root)
+        except ToyWorldError as exc:
+            print(f"alignd: {exc}", file=sys.stderr)
+            return 2
     entries: list[ModelConfig | ScorerConfig] = [*settings.models, *settings.scorers]
     missing = [f"{e.name}: {e.path}" for e in entries if e.path is not None and not e.path.exists()]
     if missing:

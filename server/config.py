@@ -131,7 +131,11 @@ class LibraryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
-    path: Path | None = Field(default=None, description="The JSONL file (default: the library shipped with alignd).")
+    path: Path | None = Field(
+        default=None,
+        description="The JSONL file; relative paths resolve against `model_root` (default: the library shipped "
+        "with alignd).",
+    )
     fallback: list[str] = Field(default_factory=list, description="Guideline ids injected when nothing matches.")
 
 
@@ -184,6 +188,9 @@ class Settings(BaseSettings):
     )
     model_root: Path = Field(default=Path("."), description="Base directory for relative model paths.")
     tiny_models: bool = Field(default=False, description="Build the tiny offline models into `model_root` if missing.")
+    toy_world: bool = Field(
+        default=False, description="Build the toy world into `model_root` if missing or built by other code."
+    )
     models: list[ModelConfig] = Field(min_length=1)
     scorers: list[ScorerConfig] = Field(default_factory=list)
     guidelines: GuidelinesConfig = GuidelinesConfig()
@@ -213,6 +220,9 @@ class Settings(BaseSettings):
         for entry in entries:
             if entry.path is not None:
                 entry.path = self.model_root / entry.path.expanduser()
+        for library in self.guidelines.libraries:
+            if library.path is not None:
+                library.path = self.model_root / library.path.expanduser()
         names = [entry.name for entry in [*entries, *self.profiles]]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:

@@ -26,16 +26,22 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert settings.limits.max_n == 3
 
 
-def test_embedded_default_serves_the_tiny_models():
+def test_embedded_default_serves_the_toy_world():
     settings = Settings.load()
+    assert settings.toy_world and not settings.tiny_models
+    assert [model.name for model in settings.models] == ["toy-base", "toy-nudger", "toy-baseline"]
+    assert all(model.path.parent == settings.model_root for model in settings.models)
+    assert {scorer.name for scorer in settings.scorers} == {"toy-rm", "is-json"}
+    assert settings.guidelines.libraries[0].path == settings.model_root / "guidelines.jsonl"
+    profiles = {profile.name for profile in settings.profiles}
+    assert profiles == {"toy-nudged", "toy-best-of-8", "toy-transfer-q", "toy-guided", "toy-chat-best-of-8"}
+
+
+def test_the_tiny_models_config_serves_the_tiny_models():
+    settings = Settings.load(Path(__file__).parents[3] / "deploy" / "tiny-models.yaml")
     assert settings.tiny_models
     assert [model.name for model in settings.models] == ["tiny-base", "tiny-chat", "tiny-chat-shared"]
-    assert all(model.path.parent == settings.model_root for model in settings.models)
     assert {scorer.name for scorer in settings.scorers} == {"rm", "is-json"}
-    profiles = {profile.name for profile in settings.profiles}
-    assert profiles == {
-        "tiny-chat-guided", "tiny-base-best-of-4", "tiny-chat-safe", "tiny-base-nudged", "tiny-base-transfer-q"
-    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
