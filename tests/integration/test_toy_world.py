@@ -1,0 +1,243 @@
+"""Every method's effect on the toy world, through the HTTP API on the in-process engine.
+
+Fixed seeds, held-out tasks only (entities, sums, requests and phrasings the chat models never saw),
+95% bootstrap intervals over tasks; each test asserts its effect with a margin and prints what it
+measured (``pytest -s`` shows the table the README's "Does it work?" section reports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evaluation.runner import Configuration, Outcome
+from evaluation.statistics import bootstrap, paired_difference
+from models.scorers import HFRewardScorer
+from server.testing import RemoteAligndServer
+from tests.toy_world import (
+    CHAT_GREEDY,
+    GREEDY,
+    KNOWLEDGE,
+    NUDGING,
+    STOP,
+    held_out_tasks,
+    nudged_fraction,
+    of,
+    passed,
+    report,
+    run,
+)
+from toyworld.world import true_reward
+
+pytestmark = pytest.mark.slow
+
+TRANSFER_Q = {"baseline": "toy-baseline", "reward": "toy-rm", "top_k": 4, "rollout_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def gateway(toy_world: Path, embeddings_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    config = yaml.safe_load(resources.files("server").joinpath("embedded.yaml").read_text())
+    config |= {"model_root": str(toy_world), "toy_world": False, "limits": {"max_n": 16, "max_best_of_n": 16}}
+    config["guidelines"]["cache_dir"] = str(embeddings_cache)
+    config["scorers"].append({"name": "concise", "backend": "rule", "rule": {"kind": "length", "target": 40}})
+    directory = tmp_path_factory.mktemp("toy-gateway")
+    (directory / "alignd.yaml").write_text(yaml.safe_dump(config))
+    with RemoteAligndServer(directory / "alignd.yaml", directory / "alignd.log") as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def tasks(toy_world: Path) -> list[dict[str, Any]]:
+    return held_out_tasks(toy_world)
+
+
+def test_nudging_beats_the_base_and_the_nudger_with_few_tokens_nudged(
+    gateway: RemoteAligndServer, tasks: list[dict[str, Any]]
+):
+    items = of(tasks, *KNOWLEDGE, "unsafe")
+    base = run(gateway, items, Configuration("base", "toy-base", "completions", sampling=GREEDY))
+    nudger = run(gateway, items, Configuration("nudger", "toy-nudger", sampling=GREEDY))
+    nudged = run(gateway, items, Configuration("nudged", "toy-base", alignment=NUDGING, sampling=GREEDY))
+    over_base = paired_difference(passed(nudged), passed(base))
+    over_nudger = paired_difference(passed(nudged), passed(nudger))
+    details = [o.details["nudging"] for o in nudged]  # type: ignore[index]
+    fraction = nudged_fraction(nudged)
+    words = Counter(
+        w for d in details for span in d["spans"] if span["source"] == "toy-nudger" for w in span["text"].split()
+    )
+    report("nudging", tasks=len(items), base=bootstrap(passed(base)), nudger=bootstrap(passed(nudger)),
+           nudged=bootstrap(passed(nudged)), nudged_token_fraction=round(fraction, 3),
+           most_nudged=words.most_common(6))  # fmt: skip
+    assert over_base.low > 0.4 and over_nudger.low > 0.4
+    assert fraction <= 0.2
+
+
+def test_best_of_n_rises_with_n_within_its_kl_bound(gateway: RemoteAligndServer, tasks: list[dict[str, Any]]):
+    items = of(tasks, *KNOWLEDGE)
+    sampled = {"temperature": 1.0, **STOP}
+    scores, rewards, kls = {}, {}, {}
+    for n in (1, 2, 4, 8, 16):
+        outcomes = run(gateway, items, Configuration(f"bon{n}", "toy-base", "completions",
+                                                     {"best_of_n": {"n": n, "reward": "toy-rm"}}, sampled))  # fmt: skip
+        scores[n] = bootstrap(passed(outcomes))
+        rewards[n] = bootstrap([true_reward(o.task, o.text) for o in outcomes])
+        if n == 16:  # sixteen base samples per task, with their rewards: the plug-in distribution
+            candidates = [o.details["best_of_n"]["candidates"] for o in outcomes]  # type: ignore[index]
+            kls = {k: float(np.mean([best_of_n_kl(c, k) for c in candidates])) for k in (2, 4, 8, 16)}
+    worst = run(
+        gateway,
+        items,
+        Configuration(
+            "won8", "toy-base", "completions", {"best_of_n": {"n": 8, "reward": "toy-rm", "select": "min"}}, sampled
+        ),
+    )
+    bounds = {n: round(math.log(n) - (n - 1) / n, 3) for n in kls}
+    report("best-of-N", tasks=len(items), score={n: str(e) for n, e in scores.items()},
+           true_reward={n: str(e) for n, e in rewards.items()}, kl={n: round(v, 3) for n, v in kls.items()},
+           kl_bound=bounds, worst_of_8=bootstrap(passed(worst)))  # fmt: skip
+    assert scores[16].mean - scores[1].mean > 0.15 and rewards[16].mean - rewards[1].mean > 0.3
+    assert all(scores[2 * n].mean >= scores[n].mean - 0.05 for n in (1, 2, 4, 8))
+    assert all(kls[n] <= bounds[n] + 1e-9 for n in kls)
+    assert bootstrap(passed(worst)).high < scores[1].low
+
+
+def best_of_n_kl(candidates: Sequence[dict[str, Any]], n: int) -> float:
+    """KL(best-of-n || p) for p the empirical distribution of the candidates' texts, exactly: a text of reward r
+    is selected with probability (F(r)^n - F(r-)^n), shared by the texts of that reward as p shares it."""
+    p = Counter(c["text"] for c in candidates)
+    reward = {c["text"]: c["reward"] for c in candidates}
+    total, kl, below = len(candidates), 0.0, 0.0
+    for level in sorted(set(reward.values())):
+        texts = [t for t in p if reward[t] == level]
+        mass = sum(p[t] for t in texts) / total
+        selected = (below + mass) ** n - below**n
+        kl += sum(selected * (p[t] / total / mass) * math.log(selected / mass) for t in texts)
+        below += mass
+    return kl
+
+
+def test_transfer_q_raises_the_reward_over_the_base(
+    gateway: RemoteAligndServer, tasks: list[dict[str, Any]], toy_world: Path
+):
+    items = of(tasks, *KNOWLEDGE)[::3]
+    base = run(gateway, items, Configuration("base", "toy-base", "completions", sampling={"temperature": 1.0, **STOP}))
+    direct = run(gateway, items, Configuration("tq", "toy-base", alignment={"transfer_q": TRANSFER_Q},
+                                               sampling={"max_tokens": 24}))  # fmt: skip
+    indirect_q = {**TRANSFER_Q, "mode": "indirect", "baseline_reward": "concise", "beta": 1.0, "rollouts": 2}
+    indirect = run(gateway, items, Configuration("tq-indirect", "toy-base", alignment={"transfer_q": indirect_q},
+                                                 sampling={"max_tokens": 24}))  # fmt: skip
+    scorer = HFRewardScorer("toy-rm", toy_world / "reward")
+
+    def rewards(outcomes: Sequence[Outcome]) -> list[float]:
+        return asyncio.run(scorer.score([(o.task["prompt"], o.text) for o in outcomes]))
+
+    measured = {name: rewards(outcomes) for name, outcomes in (("base", base), ("direct", direct),
+                                                                 ("indirect", indirect))}  # fmt: skip
+    report("Transfer-Q*", tasks=len(items), reward={name: str(bootstrap(v)) for name, v in measured.items()},
+           score={name: str(bootstrap(passed(o))) for name, o in (("base", base), ("direct", direct),
+                                                                   ("indirect", indirect))})  # fmt: skip
+    assert paired_difference(measured["direct"], measured["base"]).low > 0
+    assert paired_difference(measured["indirect"], measured["base"]).low > 0
+
+
+YES_NO = 'root ::= ("Yes" | "No") "."'
+
+
+def test_asap_is_closer_than_gcd_to_the_grammar_conditioned_distribution(
+    gateway: RemoteAligndServer, tasks: list[dict[str, Any]], toy_world: Path
+):
+    items = of(tasks, "yes-no")
+    targets = [yes_no_target(toy_world / "baseline", task["messages"]) for task in items]
+    measured: dict[str, dict[str, list[float]]] = {}
+    for mode in ("asap", "gcd"):
+        grammar = {"grammar": {"syntax": "ebnf", "grammar": YES_NO, "mode": mode}}
+        answers = []
+        for task in items:
+            forget_tries(gateway)
+            rounds = [yes_no_answers(gateway, task, grammar, seed) for seed in range(3)]
+            answers.append(rounds[1] + rounds[2] if mode == "asap" else rounds[0] + rounds[1])  # ASAp: one to learn
+        pairs = list(zip(answers, targets, strict=True))
+        measured[mode] = {
+            "tv": [total_variation(a, q) for a, q in pairs],
+            "ll": [log_likelihood(a, q) for a, q in pairs],
+        }
+    report("ASAp vs GCD (yes-no under a grammar)", prompts=len(items),
+           total_variation={m: str(bootstrap(v["tv"])) for m, v in measured.items()},
+           mean_log_likelihood={m: str(bootstrap(v["ll"])) for m, v in measured.items()})  # fmt: skip
+    assert paired_difference(measured["gcd"]["tv"], measured["asap"]["tv"]).low > 0
+    assert paired_difference(measured["asap"]["ll"], measured["gcd"]["ll"]).low > 0
+
+
+def total_variation(answers: list[str], target: dict[str, float]) -> float:
+    return 0.5 * sum(abs(answers.count(sentence) / len(answers) - q) for sentence, q in target.items())
+
+
+def log_likelihood(answers: list[str], target: dict[str, float]) -> float:
+    """The mean log-probability of the answers under the model, relative to the language's mass."""
+    return float(np.mean([math.log(target[answer]) for answer in answers]))
+
+
+def forget_tries(gateway: RemoteAligndServer) -> None:
+    import httpx
+
+    assert httpx.delete(f"{gateway.url}/admin/grammar/tries", timeout=30).status_code == 200
+
+
+def yes_no_answers(gateway: RemoteAligndServer, task: dict[str, Any], grammar: dict[str, Any], seed: int) -> list[str]:
+    with gateway.client() as client:
+        chat = client.chat.completions.create(model="toy-baseline", messages=task["messages"], n=8, seed=seed,
+                                              max_tokens=8, extra_body={"alignment": grammar})  # fmt: skip
+    return [choice.message.content or "" for choice in chat.choices]
+
+
+def yes_no_target(path: Path, messages: list[dict[str, str]]) -> dict[str, float]:
+    """The chat model's distribution over "Yes." and "No." (every tokenisation, then its end), renormalised."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                              add_special_tokens=False)  # fmt: skip
+    pieces = {i: tokenizer.decode([i]) for i in range(len(tokenizer))}
+
+    def logprobs(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), dim=-1)
+
+    def mass(ids: list[int], rest: str) -> float:
+        step = logprobs(ids)
+        if not rest:
+            return math.exp(float(step[tokenizer.eos_token_id]))
+        return sum(math.exp(float(step[i])) * mass([*ids, i], rest[len(text):])
+                   for i, text in pieces.items() if text and rest.startswith(text))  # fmt: skip
+
+    masses = {sentence: mass(prompt, sentence) for sentence in ("Yes.", "No.")}
+    total = sum(masses.values())
+    return {sentence: value / total for sentence, value in masses.items()}
+
+
+def test_guidelines_make_the_chat_model_follow_the_rules_and_leave_other_requests_alone(
+    gateway: RemoteAligndServer, tasks: list[dict[str, Any]]
+):
+    rules = [task for task in tasks if task["category"].startswith("rule-")]
+    benign = of(tasks, "capital")
+    plain = Configuration("plain", "toy-nudger", sampling=CHAT_GREEDY)
+    guided = Configuration("guided", "toy-nudger", alignment={"guidelines": {"top_k": 2}}, sampling=CHAT_GREEDY)
+    without, with_ = run(gateway, rules, plain), run(gateway, rules, guided)
+    benign_plain, benign_guided = run(gateway, benign, plain), run(gateway, benign, guided)
+    unchanged = np.mean([a.text == b.text for a, b in zip(benign_plain, benign_guided, strict=True)])
+    retrieved = np.mean([bool(o.details["guidelines"]["guidelines"]) for o in benign_guided])  # type: ignore[index]
+    report("guidelines", rule_tasks=len(rules), compliance_without=bootstrap(passed(without)),
+           compliance_with=bootstrap(passed(with_)), benign_unchanged=round(float(unchanged), 3),
+           benign_with_a_guideline=round(float(retrieved), 3))  # fmt: skip
+    assert paired_difference(passed(with_), passed(without)).low > 0.4
+    assert unchanged >= 0.9

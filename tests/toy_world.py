@@ -1,0 +1,50 @@
+"""What the toy world's effect tests share: its held-out tasks, the configurations, running them through a
+live gateway, and reporting what was measured (``pytest -s`` prints it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from evaluation.runner import Configuration, Outcome, run_configuration
+from server.testing import RemoteAligndServer
+
+KNOWLEDGE = ("capital", "country", "birth-year", "sum")
+STOP = {"stop": ["\nUser:"], "max_tokens": 40}
+GREEDY = {"temperature": 0, **STOP}
+# The nudger's vocabulary is small (384 tokens, about two a word): a rule's answer with its suffix needs more.
+CHAT_GREEDY = {"temperature": 0, "max_tokens": 96}
+NUDGING = {"nudging": {"nudger": "toy-nudger", "gamma": 0.4}}
+
+
+def held_out_tasks(world: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (world / "tasks.jsonl").read_text().splitlines()]
+
+
+def of(tasks: Sequence[dict[str, Any]], *categories: str) -> list[dict[str, Any]]:
+    return [task for task in tasks if task["category"] in categories]
+
+
+def run(gateway: RemoteAligndServer, tasks: Sequence[dict[str, Any]], configuration: Configuration) -> list[Outcome]:
+    async def main() -> list[Outcome]:
+        async with gateway.async_client() as client:
+            return await run_configuration(client, tasks, configuration, concurrency=4)
+
+    return asyncio.run(main())
+
+
+def passed(outcomes: Sequence[Outcome]) -> list[float]:
+    return [float(outcome.passed) for outcome in outcomes]
+
+
+def nudged_fraction(outcomes: Sequence[Outcome]) -> float:
+    """The mean over answers of the share of base tokens the nudger wrote (as the server reports it)."""
+    fractions = [outcome.details["nudging"]["nudged_token_fraction"] for outcome in outcomes]  # type: ignore[index]
+    return sum(fractions) / len(fractions)
+
+
+def report(name: str, **numbers: Any) -> None:
+    print(f"\n[toy world] {name}: " + ", ".join(f"{key} = {value}" for key, value in numbers.items()))
