@@ -424,7 +424,7 @@ def _names(rng: random.Random, count: int) -> list[str]:
     while len(names) < count:
         word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(2)) + rng.choice(_CODAS)
         names.add(word.capitalize())
-    return sorted(names, key=lambda _: rng.random())
+    return sorted(sorted(names), key=lambda _: rng.random())  # a set's order changes with the process's hash seed
 
 
 def _language(rng: random.Random, index: int) -> str:

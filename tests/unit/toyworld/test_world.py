@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -29,6 +32,21 @@ def test_a_seed_gives_one_world():
     assert first.documents() == again.documents() and first.dialogs() == again.dialogs()
     assert json.dumps(first.tasks()) == json.dumps(again.tasks())
     assert first.documents() != other.documents()
+
+
+def test_a_seed_gives_one_world_in_every_process():
+    """Nothing depends on a set's order, which changes with the interpreter's hash seed."""
+    script = (
+        "import hashlib, json; from toyworld.world import make_world; w = make_world(0); "
+        "data = [w.documents(), w.tasks(), [d.messages for d in w.dialogs()]]; "
+        "print(hashlib.sha256(json.dumps(data).encode()).hexdigest())"
+    )
+    digests = {
+        subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": seed},
+                       capture_output=True, text=True, check=True).stdout
+        for seed in ("1", "2")
+    }  # fmt: skip
+    assert len(digests) == 1
 
 
 def test_the_base_reads_every_fact_and_is_most_likely_to_brush_a_question_off(world: World):
