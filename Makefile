@@ -39,7 +39,7 @@ lint: $(STAMP)
 # The toy world's effect tests need it; built here, with a progress bar, unless cached (about 6 minutes).
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/alignd make-toy-world $(TOY_WORLD)
-	HF_HUB_OFFLINE=1 $(BIN)/pytest
+	HF_HUB_OFFLINE=1 $(BIN)/pytest --durations=10
 
 # A local stack under locust for a bounded time; CSV, HTML and a JSON summary in loadtest/results/locust/.
 loadtest: $(STAMP)

@@ -40,7 +40,8 @@ from tests.toy_world import (
 )
 from toyworld.world import true_reward
 
-pytestmark = pytest.mark.slow
+# The first test may build the world (`make test` builds it before pytest starts).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 TRANSFER_Q = {"baseline": "toy-baseline", "reward": "toy-rm", "top_k": 4, "rollout_tokens": 8}
 
