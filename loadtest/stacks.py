@@ -23,7 +23,7 @@ TINY_MODELS = Path("~/.cache/alignd/tiny-models").expanduser()
 # vLLM CPU workers for tiny models: no graph capture, a small KV cache, nothing from the network.
 # Every worker on CPU 0, the gateway and the clients keep the rest: with vLLM's engine busy-polling on
 # every core, the wake-ups of every other process (the gateway noticing a hang-up) come seconds late.
-CPU_WORKER = {
+CPU_WORKER: dict[str, Any] = {
     "args": ["--enforce-eager"],
     "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"},
     "cpus": [0],
