@@ -240,5 +240,5 @@ def test_guidelines_make_the_chat_model_follow_the_rules_and_leave_other_request
     report("guidelines", rule_tasks=len(rules), compliance_without=bootstrap(passed(without)),
            compliance_with=bootstrap(passed(with_)), benign_unchanged=round(float(unchanged), 3),
            benign_with_a_guideline=round(float(retrieved), 3))  # fmt: skip
-    assert paired_difference(passed(with_), passed(without)).low > 0.4
+    assert paired_difference(passed(with_), passed(without)).low > 0.2
     assert unchanged >= 0.9
