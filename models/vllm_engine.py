@@ -118,7 +118,10 @@ class VLLMEngine:
         for position, prompt_ids in enumerate(batch):
             mine = choices[position * params.n : (position + 1) * params.n]
             samples = [self._sample({**choice, "index": i}, params) for i, choice in enumerate(mine)]
-            completions.append(Completion(prompt_ids, samples))
+            prompt_logprobs = None
+            if params.prompt_logprobs is not None and mine:
+                prompt_logprobs = self._prompt_logprobs(prompt_ids, mine[0].get("prompt_logprobs"), params)
+            completions.append(Completion(prompt_ids, samples, prompt_logprobs))
         return completions
 
     async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:

@@ -78,6 +78,24 @@ async def test_generate_sends_token_ids_and_reads_vllm_logprobs(tiny_models: Pat
     assert [alt.token_id for alt in record.top] == [9]
 
 
+async def test_a_batch_gets_each_prompts_own_prompt_logprobs(tiny_models: Path):
+    def handler(request: httpx.Request) -> httpx.Response:
+        prompts = json.loads(request.content)["prompt"]
+        choices = [completion_choice(i, [3], prompt_logprobs=[None] + [{str(t): {"logprob": -float(i + 1), "rank": 1}}
+                                                                      for t in prompt[1:]])
+                   for i, prompt in enumerate(prompts)]  # fmt: skip
+        return httpx.Response(200, json={"choices": choices})
+
+    engine = await engine_with(tiny_models, handler)
+    first, second = await engine.generate_batch(
+        [[10, 11], [20, 21, 22]], SamplingParams(max_tokens=1, prompt_logprobs=0)
+    )
+    await engine.close()
+    assert first.prompt_logprobs is not None and second.prompt_logprobs is not None
+    assert [(r.token_id, r.logprob) for r in first.prompt_logprobs[1:] if r] == [(11, -1.0)]
+    assert [(r.token_id, r.logprob) for r in second.prompt_logprobs[1:] if r] == [(21, -2.0), (22, -2.0)]
+
+
 async def test_stream_yields_deltas_until_done(tiny_models: Path):
     def handler(request: httpx.Request) -> httpx.Response:
         events = [
