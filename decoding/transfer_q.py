@@ -86,6 +86,11 @@ class DecisionStep(BaseModel):
 
 class TransferQDetails(BaseModel):
     decision_steps: int
+    log_ratio: float = Field(
+        description="Σ over decision steps of log π(z) - log π_base(z) for the chosen z, π being the decision "
+        "rule's distribution over the step's candidates (a point mass at temperature 0): the answer's log-ratio, "
+        "whose mean over answers estimates KL(π ‖ π_base). For sampled blocks it takes the k blocks as the support."
+    )
     steps: list[DecisionStep] = Field(description=f"The first {MAX_REPORTED_STEPS} decision steps.")
     truncated: bool
 
@@ -114,6 +119,14 @@ def choose(logprobs: Sequence[float], q: Sequence[float], alpha: float, temperat
         return int(np.argmax(decision_scores(logprobs, q, alpha)))  # ties: the lowest index
     probabilities = decision_probabilities(logprobs, q, alpha, temperature)
     return rng.choices(range(len(probabilities)), weights=probabilities.tolist())[0]
+
+
+def decision_log_ratio(
+    logprobs: Sequence[float], q: Sequence[float], alpha: float, temperature: float, chosen: int
+) -> float:
+    """log π(z) - log π_base(z) of the chosen candidate under the decision rule ``choose`` follows."""
+    policy = 0.0 if temperature == 0 else math.log(decision_probabilities(logprobs, q, alpha, temperature)[chosen])
+    return policy - logprobs[chosen]
 
 
 def self_normalised_q(rewards: Sequence[float], baseline_rewards: Sequence[float], beta: float) -> float:
@@ -160,11 +173,15 @@ class TransferQ:
     async def run(self) -> tuple[list[int], str, FinishReason, TransferQDetails]:
         answer: list[int] = []
         steps: list[DecisionStep] = []
+        log_ratio = 0.0
         finish: FinishReason = "length"
+        alpha, temperature = self.params.alpha, self.params.temperature
         while len(answer) < self.max_tokens:
             candidates, ended = await self._candidates(answer)
             q = await self._q_values(answer, candidates)
-            chosen = choose([c.logprob for c in candidates], q, self.params.alpha, self.params.temperature, self.rng)
+            logprobs = [c.logprob for c in candidates]
+            chosen = choose(logprobs, q, alpha, temperature, self.rng)
+            log_ratio += decision_log_ratio(logprobs, q, alpha, temperature, chosen)
             block = candidates[chosen].token_ids[: self.max_tokens - len(answer)]
             answer += block
             steps.append(self._record(candidates, q, chosen))
@@ -172,8 +189,9 @@ class TransferQ:
                 finish = "stop"
                 break
         details = TransferQDetails(
-            decision_steps=len(steps), steps=steps[:MAX_REPORTED_STEPS], truncated=len(steps) > MAX_REPORTED_STEPS
-        )
+            decision_steps=len(steps), log_ratio=log_ratio, steps=steps[:MAX_REPORTED_STEPS],
+            truncated=len(steps) > MAX_REPORTED_STEPS,
+        )  # fmt: skip
         return answer, self.base.tokenizer.decode(answer), finish, details
 
     def _seed(self, salt: int) -> int | None:

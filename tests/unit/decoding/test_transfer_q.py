@@ -219,3 +219,23 @@ async def test_bad_transfer_q_requests(alignment: dict, param: str):
     with pytest.raises(InvalidRequestError) as info:
         await run(pipe, base, alignment, max_tokens=10)
     assert info.value.param == param
+
+
+async def test_the_log_ratio_at_temperature_zero_is_the_answers_surprise_under_the_base():
+    _, text, finish, details, _, _ = await decode(temperature=0.0, alpha=2.0)
+    words = [PROMPT, *text.split(), *([EOS] if finish == "stop" else [])]
+    surprise = -sum(math.log(BASE[a][b]) for a, b in itertools.pairwise(words))
+    assert details.log_ratio == pytest.approx(surprise)  # type: ignore[attr-defined]
+
+
+async def test_the_mean_log_ratio_estimates_the_kl_from_the_base():
+    alpha, trials = 1.5, 2000
+    ratios = []
+    for seed in range(trials):
+        *_, details, _, _ = await decode(max_tokens=1, seed=seed, alpha=alpha, temperature=1.0)
+        ratios.append(details.log_ratio)  # type: ignore[attr-defined]
+    step = details.steps[0]  # type: ignore[attr-defined]
+    logp = np.array([c.logprob for c in step.candidates])
+    pi = decision_probabilities(logp, [c.q for c in step.candidates], alpha)
+    kl = float(np.sum(pi * (np.log(pi) - logp)))  # the top 3 of "go" are all of the base's mass there
+    assert np.mean(ratios) == pytest.approx(kl, abs=4 * np.std(ratios) / math.sqrt(trials))
