@@ -1,11 +1,10 @@
-"""A live gateway in a subprocess, for tests and benchmarks that go through HTTP.
-
-The ``client`` helpers need the ``openai`` package (the ``dev`` extra).
-"""
+"""A live gateway in a subprocess: what ``alignd eval --config`` evaluates, and what tests and benchmarks
+that go through HTTP run against."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -15,23 +14,28 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from models.workers import free_port
-
 if TYPE_CHECKING:
     import openai
 
 
-class RemoteAligndServer:
-    """``alignd serve --config FILE`` on a free loopback port, ready when ``/ready`` says so.
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalGateway:
+    """``alignd serve [--config FILE]`` on a free loopback port, ready when ``/ready`` says so.
 
     Use as a context manager; the server is stopped (SIGTERM, then SIGKILL) on exit.
     """
 
-    def __init__(self, config: Path, log_path: Path, *, startup_timeout: float = 120.0) -> None:
+    def __init__(self, config: Path | None, log_path: Path, *, startup_timeout: float = 120.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--port", str(self.port)]
+        command = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port)]
+        command += ["--config", str(config)] if config is not None else []
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -79,7 +83,7 @@ class RemoteAligndServer:
                 self.process.wait(timeout=15)
         self._log.close()
 
-    def __enter__(self) -> RemoteAligndServer:
+    def __enter__(self) -> LocalGateway:
         return self
 
     def __exit__(

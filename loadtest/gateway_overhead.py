@@ -24,9 +24,9 @@ from typing import Any
 import httpx
 import yaml
 
+from evaluation.gateway import LocalGateway
 from loadtest.stacks import vllm_model
 from models.tiny import ensure_tiny_models
-from server.testing import RemoteAligndServer
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "def fibonacci(n):\n    "
@@ -119,7 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "alignd.yaml"
         path.write_text(yaml.safe_dump(config(args.models, Path(scratch) / "workers")))
-        with RemoteAligndServer(path, Path(scratch) / "alignd.log", startup_timeout=300) as gateway:
+        with LocalGateway(path, Path(scratch) / "alignd.log", startup_timeout=300) as gateway:
             ready = httpx.get(f"{gateway.url}/ready").json()
             worker = ready["models"]["tiny-base"]["replicas"][0]["url"]
             rows = asyncio.run(compare(gateway.url, worker, args.concurrency, args.requests, args.max_tokens))

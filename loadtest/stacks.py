@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
+from evaluation.gateway import LocalGateway
 from models.tiny import ensure_tiny_models
-from server.testing import RemoteAligndServer
 
 STACKS = ("embedded", "vllm-cpu")
 TINY_MODELS = Path("~/.cache/alignd/tiny-models").expanduser()
@@ -53,7 +53,7 @@ def embedded_config() -> dict[str, Any]:
 @contextlib.contextmanager
 def local_stack(
     stack: str, *, models: Path = TINY_MODELS, admission: dict[str, Any] | None = None
-) -> Iterator[RemoteAligndServer]:
+) -> Iterator[LocalGateway]:
     """Starts the gateway (and its managed workers) of ``stack``; stops everything on exit."""
     ensure_tiny_models(models)
     with tempfile.TemporaryDirectory(prefix="alignd-stack-") as scratch:
@@ -66,5 +66,5 @@ def local_stack(
             raise ValueError(f"unknown stack {stack!r} (known: {', '.join(STACKS)})")
         path = directory / "alignd.yaml"
         path.write_text(yaml.safe_dump(config))
-        with RemoteAligndServer(path, directory / "alignd.log", startup_timeout=600) as gateway:
+        with LocalGateway(path, directory / "alignd.log", startup_timeout=600) as gateway:
             yield gateway

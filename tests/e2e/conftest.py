@@ -7,16 +7,16 @@ from collections.abc import AsyncIterator, Iterator
 import openai
 import pytest
 
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 
 
 @pytest.fixture
-def client(vllm_gateway: RemoteAligndServer) -> Iterator[openai.OpenAI]:
+def client(vllm_gateway: LocalGateway) -> Iterator[openai.OpenAI]:
     with vllm_gateway.client() as live:
         yield live
 
 
 @pytest.fixture
-async def async_client(vllm_gateway: RemoteAligndServer) -> AsyncIterator[openai.AsyncOpenAI]:
+async def async_client(vllm_gateway: LocalGateway) -> AsyncIterator[openai.AsyncOpenAI]:
     async with vllm_gateway.async_client() as live:
         yield live

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import openai
 
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 
 MESSAGES = [{"role": "user", "content": "Write a python function that parses ISO dates"}]
 
@@ -21,7 +21,7 @@ def worker_metric(url: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(f"{name}{{"))
 
 
-def test_best_of_n_is_one_n_call_and_one_pooling_call(vllm_gateway: RemoteAligndServer, client: openai.OpenAI):
+def test_best_of_n_is_one_n_call_and_one_pooling_call(vllm_gateway: LocalGateway, client: openai.OpenAI):
     ready = httpx.get(f"{vllm_gateway.url}/ready").json()["models"]
     base_urls = [replica["url"] for replica in ready["tiny-base"]["replicas"]]
     reward_url = ready["rm"]["replicas"][0]["url"]

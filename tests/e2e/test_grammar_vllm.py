@@ -10,13 +10,13 @@ import httpx
 import openai
 
 from decoding.grammar import WORKER_ARG
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 from tests.e2e.test_alignment_vllm import worker_metric
 from tests.integration.test_grammar import YES_NO
 
 
 async def test_requests_with_one_trie_key_go_to_one_replica(
-    vllm_gateway: RemoteAligndServer, async_client: openai.AsyncOpenAI
+    vllm_gateway: LocalGateway, async_client: openai.AsyncOpenAI
 ):
     """ASAp learns in the worker that holds the key's trie: concurrent requests for one key are
     not spread over the two replicas (unrelated requests are; see test_vllm_workers)."""
@@ -35,7 +35,7 @@ async def test_requests_with_one_trie_key_go_to_one_replica(
     assert served == [0, 8]
 
 
-def test_a_bad_grammar_is_a_400_from_the_gateway_and_from_the_worker(vllm_gateway: RemoteAligndServer):
+def test_a_bad_grammar_is_a_400_from_the_gateway_and_from_the_worker(vllm_gateway: LocalGateway):
     bad = {"syntax": "regex", "grammar": "(yes|no"}
     response = httpx.post(
         f"{vllm_gateway.url}/v1/completions",

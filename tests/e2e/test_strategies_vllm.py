@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import openai
 
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 
 MESSAGES = [{"role": "user", "content": "How do I sort a list in Python?"}]
 
@@ -22,12 +22,12 @@ def served(url: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
-def base_replicas(gateway: RemoteAligndServer) -> list[str]:
+def base_replicas(gateway: LocalGateway) -> list[str]:
     ready = httpx.get(f"{gateway.url}/ready", timeout=5).json()["models"]
     return [replica["url"] for replica in ready["tiny-base"]["replicas"]]
 
 
-def test_cross_tokenizer_nudging_keeps_one_base_replica(vllm_gateway: RemoteAligndServer, client: openai.OpenAI):
+def test_cross_tokenizer_nudging_keeps_one_base_replica(vllm_gateway: LocalGateway, client: openai.OpenAI):
     urls = base_replicas(vllm_gateway)
     before = [served(url) for url in urls]
     chat = client.chat.completions.create(
@@ -43,7 +43,7 @@ def test_cross_tokenizer_nudging_keeps_one_base_replica(vllm_gateway: RemoteAlig
     assert sum(calls) >= 2 and min(calls) == 0  # every base call of the request went to one replica
 
 
-def test_transfer_q_with_batched_rollouts(vllm_gateway: RemoteAligndServer, client: openai.OpenAI):
+def test_transfer_q_with_batched_rollouts(vllm_gateway: LocalGateway, client: openai.OpenAI):
     completion = client.completions.create(
         model="tiny-base",
         prompt="def sort(items):",

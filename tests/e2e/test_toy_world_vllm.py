@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from evaluation.gateway import LocalGateway
 from evaluation.runner import Configuration
 from evaluation.statistics import bootstrap, paired_difference
-from server.testing import RemoteAligndServer
 from tests.conftest import STARTUP_TIMEOUT_S
 from tests.toy_world import (
     CHAT_GREEDY,
@@ -38,9 +38,7 @@ def gateway(toy_world: Path, embeddings_cache: Path, tmp_path_factory: pytest.Te
     config |= {"model_root": str(toy_world), "toy_world": False, "workers": {"log_dir": str(directory / "workers")}}
     config["guidelines"]["cache_dir"] = str(embeddings_cache)
     (directory / "alignd.yaml").write_text(yaml.safe_dump(config))
-    with RemoteAligndServer(
-        directory / "alignd.yaml", directory / "alignd.log", startup_timeout=STARTUP_TIMEOUT_S
-    ) as live:
+    with LocalGateway(directory / "alignd.yaml", directory / "alignd.log", startup_timeout=STARTUP_TIMEOUT_S) as live:
         yield live
 
 
@@ -49,7 +47,7 @@ def tasks(toy_world: Path) -> list[dict[str, Any]]:
     return held_out_tasks(toy_world)
 
 
-def test_nudging_on_vllm_workers(gateway: RemoteAligndServer, tasks: list[dict[str, Any]]):
+def test_nudging_on_vllm_workers(gateway: LocalGateway, tasks: list[dict[str, Any]]):
     items = of(tasks, *KNOWLEDGE)[::2]
     base = run(gateway, items, Configuration("base", "toy-base", "completions", sampling=GREEDY))
     nudged = run(gateway, items, Configuration("nudged", "toy-nudged", sampling=GREEDY))
@@ -60,7 +58,7 @@ def test_nudging_on_vllm_workers(gateway: RemoteAligndServer, tasks: list[dict[s
     assert fraction <= 0.2
 
 
-def test_best_of_n_profile_on_vllm_workers(gateway: RemoteAligndServer, tasks: list[dict[str, Any]]):
+def test_best_of_n_profile_on_vllm_workers(gateway: LocalGateway, tasks: list[dict[str, Any]]):
     items = of(tasks, *KNOWLEDGE)[::2]
     sampled = {"temperature": 1.0, **STOP}
     plain = run(gateway, items, Configuration("plain", "toy-base", "completions", sampling=sampled))
@@ -69,7 +67,7 @@ def test_best_of_n_profile_on_vllm_workers(gateway: RemoteAligndServer, tasks: l
     assert paired_difference(passed(best), passed(plain)).low > 0
 
 
-def test_guidelines_on_vllm_workers(gateway: RemoteAligndServer, tasks: list[dict[str, Any]]):
+def test_guidelines_on_vllm_workers(gateway: LocalGateway, tasks: list[dict[str, Any]]):
     rules = [task for task in tasks if task["category"].startswith("rule-")]
     without = run(gateway, rules, Configuration("plain", "toy-nudger", sampling=CHAT_GREEDY))
     with_ = run(gateway, rules, Configuration("guided", "toy-guided", sampling=CHAT_GREEDY))

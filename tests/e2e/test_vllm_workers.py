@@ -17,16 +17,16 @@ import httpx
 import openai
 import pytest
 
+from evaluation.gateway import LocalGateway
 from models.engine import SamplingParams
 from models.hf import HFEngine
 from models.scorers import HFRewardScorer, VLLMRewardScorer
 from models.vllm_service import VLLMService
-from server.testing import RemoteAligndServer
 
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 
 
-def replicas(gateway: RemoteAligndServer, model: str) -> list[dict[str, Any]]:
+def replicas(gateway: LocalGateway, model: str) -> list[dict[str, Any]]:
     return httpx.get(f"{gateway.url}/ready", timeout=5).json()["models"][model]["replicas"]
 
 
@@ -90,7 +90,7 @@ async def test_logprobs_agree_with_the_in_process_engine(client: openai.OpenAI, 
     assert got[1:] == pytest.approx(expected[1:], abs=2e-3)
 
 
-async def test_reward_scoring_through_a_pooling_worker(vllm_gateway: RemoteAligndServer, tiny_models: Path):
+async def test_reward_scoring_through_a_pooling_worker(vllm_gateway: LocalGateway, tiny_models: Path):
     pairs = [("Question: 2+2?\n", "4"), ("Say hi.\n", "Hello there, friend."), ("x", "")]
     service = await VLLMService.connect("rm", [replicas(vllm_gateway, "rm")[0]["url"]])
     remote = await VLLMRewardScorer("rm", service, served_name="rm").score(pairs)
@@ -100,7 +100,7 @@ async def test_reward_scoring_through_a_pooling_worker(vllm_gateway: RemoteAlign
 
 
 async def test_unrelated_requests_spread_over_both_replicas(
-    vllm_gateway: RemoteAligndServer, async_client: openai.AsyncOpenAI
+    vllm_gateway: LocalGateway, async_client: openai.AsyncOpenAI
 ):
     urls = [replica["url"] for replica in replicas(vllm_gateway, "tiny-base")]
     before = [worker_metric(url, "vllm:request_success_total") for url in urls]
@@ -113,7 +113,7 @@ async def test_unrelated_requests_spread_over_both_replicas(
 
 
 @contextlib.contextmanager
-def raw_request(gateway: RemoteAligndServer, body: dict[str, Any]) -> Iterator[socket.socket]:
+def raw_request(gateway: LocalGateway, body: dict[str, Any]) -> Iterator[socket.socket]:
     """POSTs ``body`` to ``/v1/completions`` on a raw socket; leaving the block hangs up unanswered."""
     payload = json.dumps(body).encode()
     head = "POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: "
@@ -122,7 +122,7 @@ def raw_request(gateway: RemoteAligndServer, body: dict[str, Any]) -> Iterator[s
         yield connection
 
 
-def worker_log_count(gateway: RemoteAligndServer, model: str, text: str) -> int:
+def worker_log_count(gateway: LocalGateway, model: str, text: str) -> int:
     """How often ``text`` occurs in the logs of ``model``'s managed workers."""
     logs = (gateway.log_path.parent / "workers").glob(f"{model}-*.log")
     return sum(path.read_text(errors="replace").count(text) for path in logs)
@@ -131,17 +131,17 @@ def worker_log_count(gateway: RemoteAligndServer, model: str, text: str) -> int:
 LONG_REQUEST = {"model": "tiny-base", "prompt": "x", "max_tokens": 2000, "seed": 7}
 
 
-def generated_tokens(gateway: RemoteAligndServer) -> float:
+def generated_tokens(gateway: LocalGateway) -> float:
     return sum(worker_metric(r["url"], "vllm:generation_tokens_total") for r in replicas(gateway, "tiny-base"))
 
 
-def wait_idle(gateway: RemoteAligndServer) -> None:
+def wait_idle(gateway: LocalGateway) -> None:
     urls = [replica["url"] for replica in replicas(gateway, "tiny-base")]
     wait_until(lambda: sum(worker_metric(url, "vllm:num_requests_running") for url in urls) == 0, 60, "idle")
 
 
 @pytest.fixture(scope="module")
-def full_request_tokens(vllm_gateway: RemoteAligndServer) -> float:
+def full_request_tokens(vllm_gateway: LocalGateway) -> float:
     """What ``LONG_REQUEST`` generates upstream when nobody hangs up (8-24 s of generation here)."""
     before = generated_tokens(vllm_gateway)
     httpx.post(f"{vllm_gateway.url}/v1/completions", json=LONG_REQUEST, timeout=180).raise_for_status()
@@ -150,9 +150,7 @@ def full_request_tokens(vllm_gateway: RemoteAligndServer) -> float:
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-streaming"])
-def test_disconnect_aborts_the_upstream_request(
-    vllm_gateway: RemoteAligndServer, full_request_tokens: float, stream: bool
-):
+def test_disconnect_aborts_the_upstream_request(vllm_gateway: LocalGateway, full_request_tokens: float, stream: bool):
     """A client that hangs up stops the generation upstream: vLLM aborts the request, which generates
     fewer tokens than the same seeded request run to its end.
 
@@ -182,7 +180,7 @@ def test_worker_errors_reach_the_client_as_400(client: openai.OpenAI):
     assert "worker rejected" in info.value.message and "max allowed: 2" in info.value.message
 
 
-def test_failover_503_and_recovery(vllm_gateway: RemoteAligndServer, client: openai.OpenAI):
+def test_failover_503_and_recovery(vllm_gateway: LocalGateway, client: openai.OpenAI):
     """Kill one base replica and the only chat worker mid-run: base requests keep succeeding on the
     other replica, chat answers 503 at once; both come back when the supervisor restarts them."""
     victim = replicas(vllm_gateway, "tiny-base")[0]

@@ -1,10 +1,12 @@
 from collections.abc import AsyncIterator, Iterator
+from importlib import resources
 from pathlib import Path
 
 import openai
 import pytest
+import yaml
 
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 from tests.conftest import VLLM_STACK
 
 CONFIG = """\
@@ -38,33 +40,47 @@ limits:
 @pytest.fixture(scope="session")
 def server(
     tiny_models: Path, embeddings_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RemoteAligndServer]:
+) -> Iterator[LocalGateway]:
     directory = tmp_path_factory.mktemp("gateway")
     config = directory / "alignd.yaml"
     config.write_text(CONFIG.format(root=tiny_models, embeddings=embeddings_cache))
-    with RemoteAligndServer(config, directory / "alignd.log") as live:
+    with LocalGateway(config, directory / "alignd.log") as live:
         yield live
 
 
 @pytest.fixture(params=["in-process", VLLM_STACK])
-def stack(request: pytest.FixtureRequest) -> RemoteAligndServer:
+def stack(request: pytest.FixtureRequest) -> LocalGateway:
     """A test that must hold on both engines: the in-process gateway, then the one with vLLM CPU workers."""
     return request.getfixturevalue("server" if request.param == "in-process" else "vllm_gateway")
 
 
 @pytest.fixture
-def stack_client(stack: RemoteAligndServer) -> Iterator[openai.OpenAI]:
+def stack_client(stack: LocalGateway) -> Iterator[openai.OpenAI]:
     with stack.client() as live:
         yield live
 
 
 @pytest.fixture
-def client(server: RemoteAligndServer) -> Iterator[openai.OpenAI]:
+def client(server: LocalGateway) -> Iterator[openai.OpenAI]:
     with server.client() as live:
         yield live
 
 
 @pytest.fixture
-async def async_client(server: RemoteAligndServer) -> AsyncIterator[openai.AsyncOpenAI]:
+async def async_client(server: LocalGateway) -> AsyncIterator[openai.AsyncOpenAI]:
     async with server.async_client() as live:
+        yield live
+
+
+@pytest.fixture(scope="session")
+def toy_gateway(  # the embedded default on the toy world, with room for best-of-16 and a length rule
+    toy_world: Path, embeddings_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalGateway]:
+    config = yaml.safe_load(resources.files("server").joinpath("embedded.yaml").read_text())
+    config |= {"model_root": str(toy_world), "toy_world": False, "limits": {"max_n": 16, "max_best_of_n": 16}}
+    config["guidelines"]["cache_dir"] = str(embeddings_cache)
+    config["scorers"].append({"name": "concise", "backend": "rule", "rule": {"kind": "length", "target": 40}})
+    directory = tmp_path_factory.mktemp("toy-gateway")
+    (directory / "alignd.yaml").write_text(yaml.safe_dump(config))
+    with LocalGateway(directory / "alignd.yaml", directory / "alignd.log") as live:
         yield live

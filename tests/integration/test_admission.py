@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 
 pytestmark = pytest.mark.slow
 
@@ -36,22 +36,22 @@ HOLD = {"model": "tiny-base", "prompt": "hold", "max_tokens": 1900, "temperature
 @pytest.fixture(scope="module")
 def server(
     tiny_models: Path, embeddings_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RemoteAligndServer]:
+) -> Iterator[LocalGateway]:
     directory = tmp_path_factory.mktemp("admission")
     config = directory / "alignd.yaml"
     config.write_text(CONFIG.format(root=tiny_models, embeddings=embeddings_cache))
-    with RemoteAligndServer(config, directory / "alignd.log") as live:
+    with LocalGateway(config, directory / "alignd.log") as live:
         yield live
 
 
-def metric(server: RemoteAligndServer, line_start: str) -> float:
+def metric(server: LocalGateway, line_start: str) -> float:
     for line in httpx.get(f"{server.url}/metrics").text.splitlines():
         if line.startswith(line_start + " "):
             return float(line.split()[-1])
     return 0.0
 
 
-def wait_for_metric(server: RemoteAligndServer, line_start: str, value: float, timeout: float = 10.0) -> None:
+def wait_for_metric(server: LocalGateway, line_start: str, value: float, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while metric(server, line_start) != value:
         assert time.monotonic() < deadline, f"{line_start} did not reach {value}"
@@ -62,7 +62,7 @@ IN_FLIGHT = 'alignd_admission_in_flight{model="tiny-base"}'
 QUEUED = 'alignd_admission_queued{model="tiny-base"}'
 
 
-async def test_a_full_model_answers_429_with_retry_after_and_serves_again(server: RemoteAligndServer):
+async def test_a_full_model_answers_429_with_retry_after_and_serves_again(server: LocalGateway):
     async with server.async_client() as client:
         holder = await client.completions.create(**HOLD)
         chunks = aiter(holder)
@@ -91,7 +91,7 @@ async def test_a_full_model_answers_429_with_retry_after_and_serves_again(server
     wait_for_metric(server, IN_FLIGHT, 0)
 
 
-def test_a_client_that_hangs_up_frees_its_slot(server: RemoteAligndServer):
+def test_a_client_that_hangs_up_frees_its_slot(server: LocalGateway):
     with httpx.stream("POST", f"{server.url}/v1/completions", json=HOLD, timeout=30) as response:
         assert response.status_code == 200
         lines = response.iter_lines()  # kept: closing the iterator would hang up already
@@ -102,7 +102,7 @@ def test_a_client_that_hangs_up_frees_its_slot(server: RemoteAligndServer):
         assert client.completions.create(model="tiny-base", prompt="next", max_tokens=4).choices
 
 
-def test_the_compute_budget_is_checked_before_any_work(server: RemoteAligndServer):
+def test_the_compute_budget_is_checked_before_any_work(server: LocalGateway):
     generated_before = metric(server, 'alignd_tokens_total{kind="completion",model="tiny-base"}')
     with server.client() as client, pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(
@@ -120,7 +120,7 @@ def test_the_compute_budget_is_checked_before_any_work(server: RemoteAligndServe
     wait_for_metric(server, IN_FLIGHT, 0)
 
 
-def test_the_bounds_are_visible_in_metrics(server: RemoteAligndServer):
+def test_the_bounds_are_visible_in_metrics(server: LocalGateway):
     assert metric(server, 'alignd_admission_limit{limit="in_flight_per_model"}') == 1
     assert metric(server, 'alignd_admission_limit{limit="queued_per_model"}') == 1
     assert metric(server, 'alignd_admission_limit{limit="queue_timeout_seconds"}') == 0.5

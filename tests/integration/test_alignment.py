@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 
 MESSAGES = [{"role": "user", "content": "I feel hopeless and want to end it all"}]
 
@@ -119,14 +119,14 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
 
 
 @pytest.mark.parametrize(("alignment", "param"), [case[1:] for case in BAD], ids=[case[0] for case in BAD])
-def test_bad_alignment_is_a_400_naming_it(server: RemoteAligndServer, alignment: dict[str, Any], param: str):
+def test_bad_alignment_is_a_400_naming_it(server: LocalGateway, alignment: dict[str, Any], param: str):
     body = {"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 2, "alignment": alignment}
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
 
 
-def test_combinations_that_cannot_work_are_400s(server: RemoteAligndServer):
+def test_combinations_that_cannot_work_are_400s(server: LocalGateway):
     more_than_candidates = {
         "model": "tiny-base",
         "prompt": "x",

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -79,7 +79,7 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None, str]] = [
     ("route", "body", "status", "param", "code"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
 def test_bad_request_is_a_named_4xx(
-    server: RemoteAligndServer, route: str, body: dict[str, Any], status: int, param: str | None, code: str
+    server: LocalGateway, route: str, body: dict[str, Any], status: int, param: str | None, code: str
 ):
     response = httpx.post(f"{server.url}/v1/{route}", json=body, timeout=30)
     assert response.status_code == status, response.text
@@ -90,7 +90,7 @@ def test_bad_request_is_a_named_4xx(
 
 
 @pytest.mark.parametrize("payload", [b"{not json", b"", b"[1, 2]", b'{"model": "tiny-base", "prompt": "x",}'], ids=repr)
-def test_malformed_json(server: RemoteAligndServer, payload: bytes):
+def test_malformed_json(server: LocalGateway, payload: bytes):
     response = httpx.post(
         f"{server.url}/v1/completions", content=payload, headers={"content-type": "application/json"}, timeout=30
     )
@@ -98,7 +98,7 @@ def test_malformed_json(server: RemoteAligndServer, payload: bytes):
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_unknown_route_and_method(server: RemoteAligndServer):
+def test_unknown_route_and_method(server: LocalGateway):
     assert httpx.get(f"{server.url}/v1/nothing").json()["error"]["code"] == "not_found"
     response = httpx.get(f"{server.url}/v1/completions")
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
@@ -113,7 +113,7 @@ def test_openai_client_raises_typed_errors(client: openai.OpenAI):
     assert too_long.value.code == "context_length_exceeded"
 
 
-async def test_bad_requests_do_not_disturb_good_ones(async_client: openai.AsyncOpenAI, server: RemoteAligndServer):
+async def test_bad_requests_do_not_disturb_good_ones(async_client: openai.AsyncOpenAI, server: LocalGateway):
     async def bad() -> int:
         async with httpx.AsyncClient(timeout=30) as http:
             response = await http.post(
@@ -130,7 +130,7 @@ async def test_bad_requests_do_not_disturb_good_ones(async_client: openai.AsyncO
     assert all(reason in ("stop", "length") for reason in results[10:])
 
 
-def test_client_disconnect_mid_stream_keeps_the_server_serving(server: RemoteAligndServer, client: openai.OpenAI):
+def test_client_disconnect_mid_stream_keeps_the_server_serving(server: LocalGateway, client: openai.OpenAI):
     body = {"model": "tiny-base", "prompt": "x", "max_tokens": 1500, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
         next(response.iter_lines())
@@ -138,7 +138,7 @@ def test_client_disconnect_mid_stream_keeps_the_server_serving(server: RemoteAli
     assert completion.choices[0].finish_reason in ("stop", "length")
 
 
-def test_a_non_streaming_request_is_cancelled_when_its_client_hangs_up(server: RemoteAligndServer):
+def test_a_non_streaming_request_is_cancelled_when_its_client_hangs_up(server: LocalGateway):
     def hung_up() -> float:
         for line in httpx.get(f"{server.url}/metrics").text.splitlines():
             if line.startswith("alignd_requests_total{") and 'status="499"' in line:

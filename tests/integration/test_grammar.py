@@ -13,7 +13,7 @@ import jsonschema
 import openai
 import pytest
 
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 
 YES_NO = {"syntax": "ebnf", "grammar": 'root ::= ("yes" | "no") ("," ("yes" | "no"))*'}
 YES_NO_RE = re.compile(r"(yes|no)(,(yes|no))*")
@@ -131,7 +131,7 @@ def test_grammar_with_best_of_n(stack_client: openai.OpenAI):
         ({"grammar": {"syntax": "cfg", "grammar": "x"}}, "alignment.grammar.syntax", "ebnf"),
     ],
 )  # fmt: skip
-def test_bad_grammars(server: RemoteAligndServer, alignment: dict[str, Any], param: str, message: str):
+def test_bad_grammars(server: LocalGateway, alignment: dict[str, Any], param: str, message: str):
     body = {"model": "tiny-base", "prompt": "x", "max_tokens": 4, "alignment": alignment}
     response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert response.status_code == 400, response.text
@@ -139,13 +139,13 @@ def test_bad_grammars(server: RemoteAligndServer, alignment: dict[str, Any], par
     assert error["param"] == param and message in error["message"]
 
 
-def test_bad_response_format(server: RemoteAligndServer):
+def test_bad_response_format(server: LocalGateway):
     body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
 
 
-def test_what_asap_learned_can_be_listed_and_reset(server: RemoteAligndServer, client: openai.OpenAI):
+def test_what_asap_learned_can_be_listed_and_reset(server: LocalGateway, client: openai.OpenAI):
     body = {"grammar": {**YES_NO, "mode": "asap"}, "return_details": True}
     completion = client.completions.create(model="tiny-base", prompt="Admin:", max_tokens=12, n=2, seed=1,
                                            extra_body={"alignment": body})  # fmt: skip

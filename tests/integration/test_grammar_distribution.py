@@ -26,7 +26,7 @@ import torch
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 
 PROMPT = "import"
 GRAMMAR = 'root ::= ("s" | "e") ("s" | "e") ("s" | "e")?'
@@ -67,7 +67,7 @@ def grammar_target(path: Path) -> dict[str, float]:
     return {sentence: mass[sentence] / total for sentence in LANGUAGE}
 
 
-def reset(server: RemoteAligndServer) -> None:
+def reset(server: LocalGateway) -> None:
     assert httpx.delete(f"{server.url}/admin/grammar/tries", timeout=30).status_code == 200
 
 
@@ -104,7 +104,7 @@ def p_value(counts: Counter[str], target: dict[str, float]) -> float:
 
 @pytest.mark.parametrize(("n", "best_of"), [(1, None), (8, None), (1, 8)], ids=["n=1", "n=8", "best-of-8"])
 def test_asap_matches_the_grammar_conditioned_distribution_and_gcd_does_not(
-    server: RemoteAligndServer, client: openai.OpenAI, target: dict[str, float], n: int, best_of: int | None
+    server: LocalGateway, client: openai.OpenAI, target: dict[str, float], n: int, best_of: int | None
 ):
     reset(server)
     sample(client, "asap", BURN_IN, n=n, best_of=best_of)
@@ -114,7 +114,7 @@ def test_asap_matches_the_grammar_conditioned_distribution_and_gcd_does_not(
     assert asap > P_ASAP and gcd < P_GCD
 
 
-def test_a_language_of_tiny_mass_keeps_being_served(server: RemoteAligndServer, client: openai.OpenAI):
+def test_a_language_of_tiny_mass_keeps_being_served(server: LocalGateway, client: openai.OpenAI):
     """P(L) is far below float64's resolution near 1: the learned bound must not cancel to 0."""
     reset(server)
     roots = []

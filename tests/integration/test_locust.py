@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).parents[2]
 PROFILES = ("plain", "chat", "best_of_4", "guidelines", "grammar", "nudging")
 
 
-def test_a_short_locust_run_serves_every_profile(server: RemoteAligndServer, tmp_path: Path):
+def test_a_short_locust_run_serves_every_profile(server: LocalGateway, tmp_path: Path):
     command = [
         sys.executable, "-m", "loadtest.run_locust", "--host", server.url, "--users", "3", "--duration", "8s",
         "--mix", ",".join(f"{name}=1" for name in PROFILES), "--max-tokens", "8", "--output-dir", str(tmp_path),

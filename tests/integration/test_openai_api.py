@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 
@@ -125,7 +125,7 @@ async def test_streaming_completion_async_with_n(async_client: openai.AsyncOpenA
     assert texts == [choice.text for choice in sorted(reference.choices, key=lambda c: c.index)]
 
 
-def test_raw_stream_is_openai_framed(server: RemoteAligndServer):
+def test_raw_stream_is_openai_framed(server: LocalGateway):
     body = {"model": "tiny-base", "prompt": "a", "max_tokens": 3, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -135,7 +135,7 @@ def test_raw_stream_is_openai_framed(server: RemoteAligndServer):
     assert all(line.startswith(("data: ", ":")) for line in lines)
 
 
-def test_health_ready_and_request_id(server: RemoteAligndServer):
+def test_health_ready_and_request_id(server: LocalGateway):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{server.url}/ready").json()
     assert ready["status"] == "ready"
@@ -144,7 +144,7 @@ def test_health_ready_and_request_id(server: RemoteAligndServer):
 
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
-def test_metrics_count_what_was_served(server: RemoteAligndServer, client: openai.OpenAI, route: str):
+def test_metrics_count_what_was_served(server: LocalGateway, client: openai.OpenAI, route: str):
     def sample(name: str, **labels: str) -> float:
         text = httpx.get(f"{server.url}/metrics").text
         wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())

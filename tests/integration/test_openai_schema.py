@@ -10,7 +10,7 @@ import httpx
 import jsonschema
 import pytest
 
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 from tests.openai_spec import schema
 
 CHAT = [{"role": "user", "content": "Say hello."}]
@@ -21,7 +21,7 @@ def validate(instance: Any, name: str) -> None:
     jsonschema.Draft202012Validator(schema(name)).validate(instance)
 
 
-def stream_chunks(server: RemoteAligndServer, route: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+def stream_chunks(server: LocalGateway, route: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     chunks = []
     with httpx.stream("POST", f"{server.url}/v1/{route}", json={**body, "stream": True}, timeout=60) as response:
         for line in response.iter_lines():
@@ -45,7 +45,7 @@ COMPLETION_BODIES = {
 
 
 @pytest.mark.parametrize("body", CHAT_BODIES.values(), ids=CHAT_BODIES)
-def test_chat_completions(server: RemoteAligndServer, body: dict[str, Any]):
+def test_chat_completions(server: LocalGateway, body: dict[str, Any]):
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text
     validate(response.json(), "CreateChatCompletionResponse")
@@ -54,7 +54,7 @@ def test_chat_completions(server: RemoteAligndServer, body: dict[str, Any]):
 
 
 @pytest.mark.parametrize("body", COMPLETION_BODIES.values(), ids=COMPLETION_BODIES)
-def test_completions(server: RemoteAligndServer, body: dict[str, Any]):
+def test_completions(server: LocalGateway, body: dict[str, Any]):
     response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text
     validate(response.json(), "CreateCompletionResponse")
@@ -65,7 +65,7 @@ def test_completions(server: RemoteAligndServer, body: dict[str, Any]):
         validate(chunk, "CreateCompletionResponse")
 
 
-def test_the_models_list(server: RemoteAligndServer):
+def test_the_models_list(server: LocalGateway):
     validate(httpx.get(f"{server.url}/v1/models", timeout=30).json(), "ListModelsResponse")
 
 
@@ -79,7 +79,7 @@ def test_the_models_list(server: RemoteAligndServer):
         ("DELETE", "/admin/grammar/tries/unknown", None),
     ],
 )
-def test_errors(server: RemoteAligndServer, method: str, path: str, body: dict[str, Any] | None):
+def test_errors(server: LocalGateway, method: str, path: str, body: dict[str, Any] | None):
     response = httpx.request(method, f"{server.url}{path}", json=body, timeout=30)
     assert 400 <= response.status_code < 500
     validate(response.json(), "ErrorResponse")

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I sort a list?"}]
 TRANSFER_Q = {"baseline": "tiny-chat-shared", "reward": "rm", "top_k": 3, "rollout_tokens": 4}
@@ -89,14 +89,14 @@ def test_transfer_q_args_and_blockwise_on_chat(client: openai.OpenAI):
         ({"transfer_q": TRANSFER_Q, "nudging": {"nudger": "tiny-chat"}}, "alignment.nudging"),
     ],
 )
-def test_bad_strategy_requests(server: RemoteAligndServer, alignment: dict[str, Any], param: str):
+def test_bad_strategy_requests(server: LocalGateway, alignment: dict[str, Any], param: str):
     body = {"model": "tiny-base", "prompt": "x", "max_tokens": 8, "alignment": alignment}
     response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
 
 
-def test_strategy_metrics(server: RemoteAligndServer, client: openai.OpenAI):
+def test_strategy_metrics(server: LocalGateway, client: openai.OpenAI):
     def sample(name: str, **labels: str) -> float:
         for line in httpx.get(f"{server.url}/metrics").text.splitlines():
             if line.startswith(f"{name}{{") and all(f'{k}="{v}"' in line for k, v in labels.items()):

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.testing import RemoteAligndServer
+from evaluation.gateway import LocalGateway
 from tests.integration.test_grammar import YES_NO
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I pick a strong password?"}]
@@ -61,7 +61,7 @@ def body_of(case: Case, stream: bool) -> dict[str, Any]:
     return body | ({"stream_options": {"include_usage": True}} if stream else {})
 
 
-def answered(server: RemoteAligndServer, case: Case, *, stream: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def answered(server: LocalGateway, case: Case, *, stream: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per choice: text, finish reason, details (and logprobs' tokens); and the usage."""
     route, body = case[0], body_of(case, stream)
     httpx.delete(f"{server.url}/admin/grammar/tries", timeout=30)
@@ -95,23 +95,23 @@ def choice_of(route: str, choice: Any, *, delta: bool = False) -> dict[str, Any]
     return {"text": text, "finish_reason": choice.finish_reason, "details": details, "tokens": tokens}
 
 
-def assert_same_answer(server: RemoteAligndServer, name: str) -> None:
+def assert_same_answer(server: LocalGateway, name: str) -> None:
     plain, plain_usage = answered(server, CASES[name], stream=False)
     streamed, streamed_usage = answered(server, CASES[name], stream=True)
     assert streamed == plain and streamed_usage == plain_usage
 
 
 @pytest.mark.parametrize("name", ON_VLLM)
-def test_a_stream_answers_what_the_request_answers(stack: RemoteAligndServer, name: str):
+def test_a_stream_answers_what_the_request_answers(stack: LocalGateway, name: str):
     assert_same_answer(stack, name)
 
 
 @pytest.mark.parametrize("name", [name for name in CASES if name not in ON_VLLM])
-def test_a_stream_answers_what_the_request_answers_in_process(server: RemoteAligndServer, name: str):
+def test_a_stream_answers_what_the_request_answers_in_process(server: LocalGateway, name: str):
     assert_same_answer(server, name)
 
 
-def test_a_grammar_cut_off_streams_as_a_length_finish_with_its_details(server: RemoteAligndServer):
+def test_a_grammar_cut_off_streams_as_a_length_finish_with_its_details(server: LocalGateway):
     """The case measured on main: streamed, it said `stop` and dropped the details."""
     (choice,), _ = answered(server, CASES["grammar-cut-off"], stream=True)
     assert choice["finish_reason"] == "length" and choice["details"]["grammar"]["complete"] is False

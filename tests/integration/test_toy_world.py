@@ -10,21 +10,20 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from evaluation.divergence import best_of_n_bound, best_of_n_kl
+from evaluation.gateway import LocalGateway
 from evaluation.runner import Configuration, Outcome
 from evaluation.statistics import bootstrap, paired_difference
 from models.scorers import HFRewardScorer
-from server.testing import RemoteAligndServer
 from tests.toy_world import (
     CHAT_GREEDY,
     GREEDY,
@@ -47,29 +46,17 @@ TRANSFER_Q = {"baseline": "toy-baseline", "reward": "toy-rm", "top_k": 4, "rollo
 
 
 @pytest.fixture(scope="module")
-def gateway(toy_world: Path, embeddings_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    config = yaml.safe_load(resources.files("server").joinpath("embedded.yaml").read_text())
-    config |= {"model_root": str(toy_world), "toy_world": False, "limits": {"max_n": 16, "max_best_of_n": 16}}
-    config["guidelines"]["cache_dir"] = str(embeddings_cache)
-    config["scorers"].append({"name": "concise", "backend": "rule", "rule": {"kind": "length", "target": 40}})
-    directory = tmp_path_factory.mktemp("toy-gateway")
-    (directory / "alignd.yaml").write_text(yaml.safe_dump(config))
-    with RemoteAligndServer(directory / "alignd.yaml", directory / "alignd.log") as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
 def tasks(toy_world: Path) -> list[dict[str, Any]]:
     return held_out_tasks(toy_world)
 
 
 def test_nudging_beats_the_base_and_the_nudger_with_few_tokens_nudged(
-    gateway: RemoteAligndServer, tasks: list[dict[str, Any]]
+    toy_gateway: LocalGateway, tasks: list[dict[str, Any]]
 ):
     items = of(tasks, *KNOWLEDGE, "unsafe")
-    base = run(gateway, items, Configuration("base", "toy-base", "completions", sampling=GREEDY))
-    nudger = run(gateway, items, Configuration("nudger", "toy-nudger", sampling=GREEDY))
-    nudged = run(gateway, items, Configuration("nudged", "toy-base", alignment=NUDGING, sampling=GREEDY))
+    base = run(toy_gateway, items, Configuration("base", "toy-base", "completions", sampling=GREEDY))
+    nudger = run(toy_gateway, items, Configuration("nudger", "toy-nudger", sampling=GREEDY))
+    nudged = run(toy_gateway, items, Configuration("nudged", "toy-base", alignment=NUDGING, sampling=GREEDY))
     over_base = paired_difference(passed(nudged), passed(base))
     over_nudger = paired_difference(passed(nudged), passed(nudger))
     details = [o.details["nudging"] for o in nudged]  # type: ignore[index]
@@ -84,12 +71,12 @@ def test_nudging_beats_the_base_and_the_nudger_with_few_tokens_nudged(
     assert fraction <= 0.2
 
 
-def test_best_of_n_rises_with_n_within_its_kl_bound(gateway: RemoteAligndServer, tasks: list[dict[str, Any]]):
+def test_best_of_n_rises_with_n_within_its_kl_bound(toy_gateway: LocalGateway, tasks: list[dict[str, Any]]):
     items = of(tasks, *KNOWLEDGE)
     sampled = {"temperature": 1.0, **STOP}
     scores, rewards, kls = {}, {}, {}
     for n in (1, 2, 4, 8, 16):
-        outcomes = run(gateway, items, Configuration(f"bon{n}", "toy-base", "completions",
+        outcomes = run(toy_gateway, items, Configuration(f"bon{n}", "toy-base", "completions",
                                                      {"best_of_n": {"n": n, "reward": "toy-rm"}}, sampled))  # fmt: skip
         scores[n] = bootstrap(passed(outcomes))
         rewards[n] = bootstrap([true_reward(o.task, o.text) for o in outcomes])
@@ -97,13 +84,13 @@ def test_best_of_n_rises_with_n_within_its_kl_bound(gateway: RemoteAligndServer,
             candidates = [o.details["best_of_n"]["candidates"] for o in outcomes]  # type: ignore[index]
             kls = {k: float(np.mean([best_of_n_kl(c, k) for c in candidates])) for k in (2, 4, 8, 16)}
     worst = run(
-        gateway,
+        toy_gateway,
         items,
         Configuration(
             "won8", "toy-base", "completions", {"best_of_n": {"n": 8, "reward": "toy-rm", "select": "min"}}, sampled
         ),
     )
-    bounds = {n: round(math.log(n) - (n - 1) / n, 3) for n in kls}
+    bounds = {n: round(best_of_n_bound(n), 3) for n in kls}
     report("best-of-N", tasks=len(items), score={n: str(e) for n, e in scores.items()},
            true_reward={n: str(e) for n, e in rewards.items()}, kl={n: round(v, 3) for n, v in kls.items()},
            kl_bound=bounds, worst_of_8=bootstrap(passed(worst)))  # fmt: skip
@@ -113,30 +100,17 @@ def test_best_of_n_rises_with_n_within_its_kl_bound(gateway: RemoteAligndServer,
     assert bootstrap(passed(worst)).high < scores[1].low
 
 
-def best_of_n_kl(candidates: Sequence[dict[str, Any]], n: int) -> float:
-    """KL(best-of-n || p) for p the empirical distribution of the candidates' texts, exactly: a text of reward r
-    is selected with probability (F(r)^n - F(r-)^n), shared by the texts of that reward as p shares it."""
-    p = Counter(c["text"] for c in candidates)
-    reward = {c["text"]: c["reward"] for c in candidates}
-    total, kl, below = len(candidates), 0.0, 0.0
-    for level in sorted(set(reward.values())):
-        texts = [t for t in p if reward[t] == level]
-        mass = sum(p[t] for t in texts) / total
-        selected = (below + mass) ** n - below**n
-        kl += sum(selected * (p[t] / total / mass) * math.log(selected / mass) for t in texts)
-        below += mass
-    return kl
-
-
 def test_transfer_q_raises_the_reward_over_the_base(
-    gateway: RemoteAligndServer, tasks: list[dict[str, Any]], toy_world: Path
+    toy_gateway: LocalGateway, tasks: list[dict[str, Any]], toy_world: Path
 ):
     items = of(tasks, *KNOWLEDGE)[::3]
-    base = run(gateway, items, Configuration("base", "toy-base", "completions", sampling={"temperature": 1.0, **STOP}))
-    direct = run(gateway, items, Configuration("tq", "toy-base", alignment={"transfer_q": TRANSFER_Q},
+    base = run(
+        toy_gateway, items, Configuration("base", "toy-base", "completions", sampling={"temperature": 1.0, **STOP})
+    )
+    direct = run(toy_gateway, items, Configuration("tq", "toy-base", alignment={"transfer_q": TRANSFER_Q},
                                                sampling={"max_tokens": 24}))  # fmt: skip
     indirect_q = {**TRANSFER_Q, "mode": "indirect", "baseline_reward": "concise", "beta": 1.0, "rollouts": 2}
-    indirect = run(gateway, items, Configuration("tq-indirect", "toy-base", alignment={"transfer_q": indirect_q},
+    indirect = run(toy_gateway, items, Configuration("tq-indirect", "toy-base", alignment={"transfer_q": indirect_q},
                                                  sampling={"max_tokens": 24}))  # fmt: skip
     scorer = HFRewardScorer("toy-rm", toy_world / "reward")
 
@@ -156,7 +130,7 @@ YES_NO = 'root ::= ("Yes" | "No") "."'
 
 
 def test_asap_is_closer_than_gcd_to_the_grammar_conditioned_distribution(
-    gateway: RemoteAligndServer, tasks: list[dict[str, Any]], toy_world: Path
+    toy_gateway: LocalGateway, tasks: list[dict[str, Any]], toy_world: Path
 ):
     items = of(tasks, "yes-no")
     targets = [yes_no_target(toy_world / "baseline", task["messages"]) for task in items]
@@ -165,8 +139,8 @@ def test_asap_is_closer_than_gcd_to_the_grammar_conditioned_distribution(
         grammar = {"grammar": {"syntax": "ebnf", "grammar": YES_NO, "mode": mode}}
         answers = []
         for task in items:
-            forget_tries(gateway)
-            rounds = [yes_no_answers(gateway, task, grammar, seed) for seed in range(3)]
+            forget_tries(toy_gateway)
+            rounds = [yes_no_answers(toy_gateway, task, grammar, seed) for seed in range(3)]
             answers.append(rounds[1] + rounds[2] if mode == "asap" else rounds[0] + rounds[1])  # ASAp: one to learn
         pairs = list(zip(answers, targets, strict=True))
         measured[mode] = {
@@ -189,14 +163,14 @@ def log_likelihood(answers: list[str], target: dict[str, float]) -> float:
     return float(np.mean([math.log(target[answer]) for answer in answers]))
 
 
-def forget_tries(gateway: RemoteAligndServer) -> None:
+def forget_tries(toy_gateway: LocalGateway) -> None:
     import httpx
 
-    assert httpx.delete(f"{gateway.url}/admin/grammar/tries", timeout=30).status_code == 200
+    assert httpx.delete(f"{toy_gateway.url}/admin/grammar/tries", timeout=30).status_code == 200
 
 
-def yes_no_answers(gateway: RemoteAligndServer, task: dict[str, Any], grammar: dict[str, Any], seed: int) -> list[str]:
-    with gateway.client() as client:
+def yes_no_answers(toy_gateway: LocalGateway, task: dict[str, Any], grammar: dict[str, Any], seed: int) -> list[str]:
+    with toy_gateway.client() as client:
         chat = client.chat.completions.create(model="toy-baseline", messages=task["messages"], n=8, seed=seed,
                                               max_tokens=8, extra_body={"alignment": grammar})  # fmt: skip
     return [choice.message.content or "" for choice in chat.choices]
@@ -227,14 +201,14 @@ def yes_no_target(path: Path, messages: list[dict[str, str]]) -> dict[str, float
 
 
 def test_guidelines_make_the_chat_model_follow_the_rules_and_leave_other_requests_alone(
-    gateway: RemoteAligndServer, tasks: list[dict[str, Any]]
+    toy_gateway: LocalGateway, tasks: list[dict[str, Any]]
 ):
     rules = [task for task in tasks if task["category"].startswith("rule-")]
     benign = of(tasks, "capital")
     plain = Configuration("plain", "toy-nudger", sampling=CHAT_GREEDY)
     guided = Configuration("guided", "toy-nudger", alignment={"guidelines": {"top_k": 2}}, sampling=CHAT_GREEDY)
-    without, with_ = run(gateway, rules, plain), run(gateway, rules, guided)
-    benign_plain, benign_guided = run(gateway, benign, plain), run(gateway, benign, guided)
+    without, with_ = run(toy_gateway, rules, plain), run(toy_gateway, rules, guided)
+    benign_plain, benign_guided = run(toy_gateway, benign, plain), run(toy_gateway, benign, guided)
     unchanged = np.mean([a.text == b.text for a, b in zip(benign_plain, benign_guided, strict=True)])
     retrieved = np.mean([bool(o.details["guidelines"]["guidelines"]) for o in benign_guided])  # type: ignore[index]
     report("guidelines", rule_tasks=len(rules), compliance_without=bootstrap(passed(without)),
