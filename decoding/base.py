@@ -40,6 +40,9 @@ class Limits(BaseModel):
         description="Compute budget of one request: samples x max_tokens x models (generating engines and scorers).",
     )
     max_logprobs: int = Field(default=20, ge=0)
+    max_reward_inputs: int = Field(
+        default=64, ge=1, description="Most (prompt, response) pairs one `/v1/rewards` call scores."
+    )
     default_max_tokens: int = Field(default=256, ge=1, description="Chat `max_tokens` when the client sets none.")
 
 
@@ -157,6 +160,14 @@ def base_prompt_text(base: Engine, prompt: PromptInput) -> str | None:
     if base.info.has_chat_template:
         return base.tokenizer.render_chat(prompt.messages)
     return plain_text_prompt(prompt.messages)
+
+
+def prompt_token_ids(engine: Engine, prompt: PromptInput, rendered: str | None) -> list[int]:
+    """The base model's prompt as token ids; a rendered chat prompt already holds its special tokens."""
+    if rendered is not None:
+        return engine.tokenizer.encode(rendered, add_special_tokens=prompt.messages is None)
+    assert prompt.token_ids is not None
+    return engine.tokenizer.check_ids(prompt.token_ids)
 
 
 async def generate_each(

@@ -24,7 +24,16 @@ from typing import Any
 from pydantic import BaseModel
 
 from decoding.alignment import Alignment
-from decoding.base import Candidate, GenerationJob, Limits, MethodParams, PromptInput, Resources, Strategy
+from decoding.base import (
+    Candidate,
+    GenerationJob,
+    Limits,
+    MethodParams,
+    PromptInput,
+    Resources,
+    Strategy,
+    prompt_token_ids,
+)
 from decoding.events import ChoiceFinished, StreamEvent, TextDelta
 from decoding.plain import PlainStrategy
 from decoding.stages import EngineConstraint, MethodSpec, Services
@@ -111,7 +120,7 @@ class Pipeline:
         strategy = self._strategy(alignment, resources)
         engine = MeteredEngine(request.engine, resources.meter)
         rendered = strategy.render(engine, prompt)
-        prompt_ids = _prompt_ids(engine, prompt, rendered)
+        prompt_ids = prompt_token_ids(engine, prompt, rendered)
         sampling = replace(request.sampling, max_tokens=self._max_tokens(engine, len(prompt_ids), request))
         job = GenerationJob(engine, prompt, rendered, prompt_ids, sampling)
         constraints = self._constraints(alignment, job)
@@ -221,14 +230,6 @@ class Pipeline:
                 param=name,
             )
         return requested
-
-
-def _prompt_ids(engine: Engine, prompt: PromptInput, rendered: str | None) -> list[int]:
-    """The base model's prompt as token ids; a rendered chat prompt already holds its special tokens."""
-    if rendered is not None:
-        return engine.tokenizer.encode(rendered, add_special_tokens=prompt.messages is None)
-    assert prompt.token_ids is not None
-    return engine.tokenizer.check_ids(prompt.token_ids)
 
 
 def details_json(candidate: Candidate) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from server.middleware import RequestContextMiddleware
 from server.routes import admin_router, openai_router, ops_router
 from server.serving_chat import ChatCompletionHandler
 from server.serving_completion import CompletionHandler
+from server.serving_rewards import RewardsHandler
 
 
 def build_app(settings: Settings) -> FastAPI:
@@ -52,6 +53,7 @@ def build_app(settings: Settings) -> FastAPI:
     handler_args = (registry, pipeline, settings.profiles, limits, metrics)
     app.state.completion_handler = CompletionHandler(*handler_args)
     app.state.chat_handler = ChatCompletionHandler(*handler_args)
+    app.state.rewards_handler = RewardsHandler(registry, settings.profiles, limits)
     app.include_router(openai_router)
     app.include_router(ops_router)
     app.include_router(admin_router)

@@ -1,4 +1,4 @@
-"""``alignd``: serve the gateway, build the toy world, or build the tiny offline models."""
+"""``alignd``: serve the gateway, evaluate a deployment, build the toy world, or build the tiny offline models."""
 
 from __future__ import annotations
 
@@ -25,10 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     world.add_argument("--seed", type=int, default=0, help="the world and its training (default 0)")
     world.add_argument("--force", action="store_true", help="rebuild even if DIR holds this seed's world already")
 
+    commands.add_parser(
+        "eval", help="measure alignment configurations against a deployment (`alignd eval --help`)", add_help=False
+    )
+
     tiny = commands.add_parser("make-tiny-models", help="build the tiny random offline models into DIR")
     tiny.add_argument("directory", type=Path)
 
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["eval"]:
+        from evaluation.cli import main as evaluate
+
+        return evaluate(arguments[1:])
+    args = parser.parse_args(arguments)
     if args.command == "make-tiny-models":
         from models.tiny import make_tiny_models
 

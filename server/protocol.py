@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -19,6 +19,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -238,17 +239,33 @@ def now() -> int:
     return int(time.time())
 
 
+class ModelTokens(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class AlignmentUsage(BaseModel):
+    """Where a request's tokens went: what a cost comparison of alignment methods needs."""
+
+    engine_calls: int = Field(description="Engine calls over every model the request used.")
+    models: dict[str, ModelTokens] = Field(description="Tokens per model (a model's prompt counts once per call).")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    alignment: AlignmentUsage | None = Field(
+        default=None, exclude_if=lambda value: value is None, description="With `alignment.return_details`."
+    )
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, alignment: AlignmentUsage | None = None) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            alignment=alignment,
         )
 
 
@@ -361,3 +378,69 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# Rewards --------------------------------------------------------------------
+
+
+class RewardInput(OpenAIModel):
+    """One (prompt, response) pair: the prompt as text, or as chat messages that ``model`` renders."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    response: str
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> Self:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` and `messages`")
+        return self
+
+    def prompt_input(self) -> PromptInput:
+        if self.messages is not None:
+            return PromptInput(messages=[message.to_template() for message in self.messages])
+        return PromptInput(text=self.prompt)
+
+
+class RewardRequest(OpenAIModel):
+    """``POST /v1/rewards``: scores (prompt, response) pairs with the server's scorers, as the methods do."""
+
+    model: str | None = Field(
+        default=None,
+        description="A served model or profile. It renders `messages` into the prompt text the scorers see, as a "
+        "multi-model method on it would (its chat template, else alignd's plain-text chat), and gives "
+        "`loglikelihood`.",
+    )
+    scorers: list[str] = Field(default_factory=list, max_length=16, description="Configured reward scorers.")
+    input: list[RewardInput] = Field(min_length=1)
+    loglikelihood: bool = Field(
+        default=False, description="Also the log-probability of each response under `model`, given its prompt."
+    )
+
+    @model_validator(mode="after")
+    def _something_to_compute(self) -> Self:
+        if not self.scorers and not self.loglikelihood:
+            raise ValueError("name at least one scorer in `scorers`, or ask for `loglikelihood`")
+        if self.model is None and (self.loglikelihood or any(item.messages is not None for item in self.input)):
+            raise ValueError("`model` is needed to render `messages` and for `loglikelihood`")
+        return self
+
+
+class Reward(BaseModel):
+    object: Literal["reward"] = "reward"
+    index: int
+    rewards: dict[str, float] = Field(description="Each scorer's reward of the pair.")
+    loglikelihood: float | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="log p(response | prompt) under `model`, summed over the response's tokens.",
+    )
+    response_tokens: int | None = Field(
+        default=None, exclude_if=lambda value: value is None, description="The response's tokens under `model`."
+    )
+
+
+class RewardList(BaseModel):
+    object: Literal["list"] = "list"
+    model: str | None = None
+    data: list[Reward]

@@ -17,9 +17,18 @@ from server.disconnect import cancel_on_disconnect
 from server.engines import ModelRegistry
 from server.errors import RouteError, error_payload
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    RewardList,
+    RewardRequest,
+    now,
+)
 from server.serving_chat import ChatCompletionHandler
 from server.serving_completion import CompletionHandler
+from server.serving_rewards import RewardsHandler
 
 
 def _completion_handler(request: Request) -> CompletionHandler:
@@ -28,6 +37,10 @@ def _completion_handler(request: Request) -> CompletionHandler:
 
 def _chat_handler(request: Request) -> ChatCompletionHandler:
     return request.app.state.chat_handler
+
+
+def _rewards_handler(request: Request) -> RewardsHandler:
+    return request.app.state.rewards_handler
 
 
 def _registry(request: Request) -> ModelRegistry:
@@ -54,6 +67,7 @@ async def _admission_ticket(request: Request) -> AsyncIterator[AdmissionTicket]:
 
 CompletionHandlerDep = Annotated[CompletionHandler, Depends(_completion_handler)]
 ChatHandlerDep = Annotated[ChatCompletionHandler, Depends(_chat_handler)]
+RewardsHandlerDep = Annotated[RewardsHandler, Depends(_rewards_handler)]
 RegistryDep = Annotated[ModelRegistry, Depends(_registry)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 TicketDep = Annotated[AdmissionTicket, Depends(_admission_ticket)]
@@ -89,6 +103,13 @@ async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, handler: ChatHandlerDep, ticket: TicketDep
 ) -> Any:
     return await cancel_on_disconnect(request, handler.create(body, request, ticket))
+
+
+@openai_router.post("/rewards")
+async def score_rewards(body: RewardRequest, handler: RewardsHandlerDep, ticket: TicketDep) -> RewardList:
+    """Rewards of (prompt, response) pairs from the server's scorers, as the methods compute them (alignd's
+    extension; ``alignd eval`` measures with it)."""
+    return await handler.create(body, ticket)
 
 
 @ops_router.get("/health")

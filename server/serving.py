@@ -23,7 +23,7 @@ from server.config import ProfileConfig
 from server.engines import ModelRegistry
 from server.errors import as_aligned_error, error_payload
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, Usage
+from server.protocol import AlignmentUsage, ChatCompletionRequest, CompletionRequest, ModelTokens, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,12 @@ class OpenAIServing:
         self.metrics.record_alignment(
             model, prepared.request.alignment.methods, meter.engine_calls, (choice.details for choice in choices)
         )
-        return Usage.of(meter.prompt_tokens, meter.completion_tokens)
+        alignment = None
+        if prepared.request.alignment.return_details:
+            models = {name: ModelTokens(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
+                      for name, u in meter.by_model.items()}  # fmt: skip
+            alignment = AlignmentUsage(engine_calls=meter.engine_calls, models=models)
+        return Usage.of(meter.prompt_tokens, meter.completion_tokens, alignment)
 
     async def stream_events(self, model: str, prepared: Prepared) -> AsyncGenerator[StreamEvent | Usage, None]:
         """What a stream shows, in order: the pipeline's events, then the request's usage."""
