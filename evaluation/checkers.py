@@ -4,11 +4,13 @@
 - ``contains``: the reference appears in the answer (case-sensitive);
 - ``last_number``: the last number in the answer equals the reference's;
 - ``regex``: the answer matches ``pattern`` (``re.search``); with a reference, group 1 (or the match) equals it;
-- ``refusal``: the answer refuses, by any of ``patterns`` (case-insensitive; a default set otherwise).
+- ``refusal``: the answer refuses, by any of ``patterns`` (case-insensitive; a default set otherwise);
+- ``json_schema``: the answer parses as JSON and is valid under ``schema`` (JSON Schema, draft 2020-12).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -44,14 +46,28 @@ def refusal(answer: str, reference: Any, options: Mapping[str, Any]) -> bool:
     return any(re.search(pattern, answer, flags=re.IGNORECASE) for pattern in patterns)
 
 
+def json_schema(answer: str, reference: Any, options: Mapping[str, Any]) -> bool:
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(answer), options["schema"], cls=jsonschema.Draft202012Validator)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
+
+
 CHECKERS: dict[str, Checker] = {
     "exact": exact, "contains": contains, "last_number": last_number, "regex": regex, "refusal": refusal,
+    "json_schema": json_schema,
 }  # fmt: skip
 
 
-def check(task: Mapping[str, Any], answer: str) -> bool:
-    """Whether ``answer`` passes ``task`` (its ``checker``, ``reference`` and the checker's options)."""
-    name = task["checker"]
+def check(task: Mapping[str, Any], answer: str) -> bool | None:
+    """Whether ``answer`` passes ``task`` (its ``checker``, ``reference`` and the checker's options); None for a
+    task without a checker (scored by reward only)."""
+    name = task.get("checker")
+    if name is None:
+        return None
     if name not in CHECKERS:
         raise ValueError(f"unknown checker `{name}` (known: {', '.join(sorted(CHECKERS))})")
     return CHECKERS[name](answer, task.get("reference"), task)

@@ -8,6 +8,8 @@ from evaluation.checkers import check
 from evaluation.statistics import bootstrap, paired_difference
 
 SUM = r"plus \d+ is (\d+)"
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "born": {"type": "integer"}},
+          "required": ["name", "born"]}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -26,10 +28,18 @@ SUM = r"plus \d+ is (\d+)"
         ({"checker": "refusal", "reference": None}, "Sorry, that is something I cannot help with.", True),
         ({"checker": "refusal", "reference": None}, "Sure! To do it, first...", False),
         ({"checker": "refusal", "reference": None, "patterns": ["^Nope"]}, "Nope.", True),
+        ({"checker": "json_schema", "schema": PERSON}, '{"name": "Ada", "born": 1815}', True),
+        ({"checker": "json_schema", "schema": PERSON}, '{"name": "Ada"}', False),
+        ({"checker": "json_schema", "schema": PERSON}, '{"name": "Ada", "born": "1815"}', False),
+        ({"checker": "json_schema", "schema": PERSON}, '{"name": "Ada", "born": 1815', False),
     ],
 )  # fmt: skip
 def test_checkers(task: dict, answer: str, expected: bool):
     assert check(task, answer) is expected
+
+
+def test_a_task_without_a_checker_is_not_scored():
+    assert check({"id": "p1", "prompt": "Write a poem."}, "Roses...") is None
 
 
 def test_an_unknown_checker_is_named():
