@@ -65,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or Path("eval-results") / matrix.name
     try:
         if args.host:
-            asyncio.run(_evaluate(args, matrix, task_file, output, args.host))
+            asyncio.run(_evaluate(args, matrix, task_file, output, args.host, args.host))
         else:
             with tempfile.TemporaryDirectory() as scratch, _gateway(args, Path(scratch)) as gateway:
-                asyncio.run(_evaluate(args, matrix, task_file, output, gateway.url))
+                label = f"a gateway started here ({args.config or 'the embedded default'})"
+                asyncio.run(_evaluate(args, matrix, task_file, output, gateway.url, label))
     except (EvaluationError, RuntimeError, TimeoutError) as exc:
         print(f"alignd eval: stopped: {exc}\n(finished requests are in {output}/results.jsonl; rerun to resume)",
               file=sys.stderr)  # fmt: skip
@@ -77,13 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _evaluate(args: argparse.Namespace, matrix: Matrix, task_file: TaskFile, output: Path, url: str) -> None:
+async def _evaluate(
+    args: argparse.Namespace, matrix: Matrix, task_file: TaskFile, output: Path, url: str, deployment: str
+) -> None:
     client = client_for(url, api_key=args.api_key, timeout=args.timeout)
     async with client:
         evaluation = Evaluation(client, matrix, task_file.tasks, output, concurrency=args.concurrency,
                                 progress=not args.no_progress)  # fmt: skip
         outcomes = await evaluation.run()
-    summary = summarize(matrix, outcomes, deployment=url, tasks=len(task_file.tasks))
+    summary = summarize(matrix, outcomes, deployment=deployment, tasks=len(task_file.tasks))
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     write_report(summary, output)
 

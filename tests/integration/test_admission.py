@@ -126,3 +126,23 @@ def test_the_bounds_are_visible_in_metrics(server: LocalGateway):
     assert metric(server, 'alignd_admission_limit{limit="queue_timeout_seconds"}') == 0.5
     assert metric(server, 'alignd_admission_limit{limit="request_work"}') == 4096
     assert metric(server, "process_resident_memory_bytes") > 0  # what a soak test watches
+
+
+async def test_alignd_eval_waits_out_429s_and_loses_no_request(server: LocalGateway, tmp_path: Path):
+    from evaluation.matrix import parse_matrix
+    from evaluation.run import Evaluation, client_for
+
+    plain = {"model": "tiny-base", "route": "completions"}
+    matrix = parse_matrix({"reward": {"scorers": ["is-json"], "model": "tiny-base"},
+                           "base": {**plain, "sampling": {"max_tokens": 64}},
+                           "aligned": {**plain, "sampling": {"max_tokens": 32}}})  # fmt: skip
+    tasks = [
+        {"id": f"t{i}", "prompt": f"def f{i}(x):", "checker": "contains", "reference": "return"} for i in range(12)
+    ]
+    rejected_before = metric(server, 'alignd_admission_rejected_total{model="tiny-base",reason="queue_full"}')
+    async with client_for(server.url, api_key=None, timeout=60) as client:
+        outcomes = await Evaluation(client, matrix, tasks, tmp_path, concurrency=6, progress=False).run()
+    assert [len(outcomes["base"]), len(outcomes["aligned"])] == [12, 12]
+    assert all(o.error is None and "is-json" in o.rewards for runs in outcomes.values() for o in runs)
+    assert metric(server, 'alignd_admission_rejected_total{model="tiny-base",reason="queue_full"}') > rejected_before
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 24
