@@ -119,6 +119,14 @@ def _figure() -> Any:
     return plt
 
 
+def _save(plt: Any, figure: Any, axes: Any, title: str, path: Path) -> None:
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def _plot_score_vs_cost(summary: Mapping[str, Any], path: Path) -> None:
     plt = _figure()
     figure, axes = plt.subplots(figsize=(7, 4.5))
@@ -134,11 +142,7 @@ def _plot_score_vs_cost(summary: Mapping[str, Any], path: Path) -> None:
     axes.set_xscale("log")
     axes.set_xlabel("tokens per request (every engine call; log scale)")
     axes.set_ylabel("checker score (95% CI)")
-    axes.set_title(f"{summary['matrix']}: score vs cost")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, axes, f"{summary['matrix']}: score vs cost", path)
 
 
 def _plot_reward_vs_divergence(summary: Mapping[str, Any], path: Path) -> None:
@@ -159,11 +163,7 @@ def _plot_reward_vs_divergence(summary: Mapping[str, Any], path: Path) -> None:
     axes.set_xscale("symlog", linthresh=1.0)
     axes.set_xlabel("divergence from the base (nats, symlog; kind per method)")
     axes.set_ylabel(f"mean reward `{scorer}`" if scorer else "reward")
-    axes.set_title(f"{summary['matrix']}: reward vs divergence")
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(plt, figure, axes, f"{summary['matrix']}: reward vs divergence", path)
 
 
 def _plot_score_by_category(summary: Mapping[str, Any], path: Path) -> None:
