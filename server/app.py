@@ -50,10 +50,10 @@ def build_app(settings: Settings) -> FastAPI:
     grammars = GrammarService(max_grammar_bytes=limits.max_grammar_bytes, max_trie_nodes=limits.max_trie_nodes)
     app.state.grammars = grammars
     pipeline = Pipeline(registry, limits, Services(GuidelineRetriever(registry.libraries), grammars))
-    handler_args = (registry, pipeline, settings.profiles, limits, metrics)
+    handler_args = (registry, pipeline, limits, metrics)
     app.state.completion_handler = CompletionHandler(*handler_args)
     app.state.chat_handler = ChatCompletionHandler(*handler_args)
-    app.state.rewards_handler = RewardsHandler(registry, settings.profiles, limits)
+    app.state.rewards_handler = RewardsHandler(registry, limits)
     app.include_router(openai_router)
     app.include_router(ops_router)
     app.include_router(admin_router)

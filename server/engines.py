@@ -15,7 +15,7 @@ from models.errors import EngineUnavailableError, InvalidRequestError, ModelNotF
 from models.scorers import Scorer
 from models.vllm_service import VLLMService
 from models.workers import DEFAULT_COMMAND, Supervision, WorkerSpec
-from server.config import GuidelinesConfig, ModelConfig, ScorerConfig, Settings, VLLMConfig
+from server.config import GuidelinesConfig, ModelConfig, ProfileConfig, ScorerConfig, Settings, VLLMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +180,11 @@ class ModelRegistry:
         if not any(config.name == name for config in self._settings.models):
             raise ModelNotFoundError(name)
         raise self._unavailable(name)
+
+    def resolve(self, name: str) -> tuple[Engine, ProfileConfig | None]:
+        """What a client's ``model`` names: a served model, or a profile and the model it runs on."""
+        profile = next((p for p in self._settings.profiles if p.name == name), None)
+        return self.get(profile.model if profile else name), profile
 
     def engine(self, name: str, *, param: str) -> Engine:
         """A model a method refers to (a nudger, a baseline): unknown names are the request's fault."""

@@ -19,7 +19,6 @@ from decoding.pipeline import AlignedRequest, Pipeline, Prepared
 from models.engine import Engine
 from models.errors import InvalidRequestError, WorkBudgetExceededError
 from server.admission import AdmissionTicket
-from server.config import ProfileConfig
 from server.engines import ModelRegistry
 from server.errors import as_aligned_error, error_payload
 from server.metrics import Metrics
@@ -39,13 +38,11 @@ class OpenAIServing:
         self,
         registry: ModelRegistry,
         pipeline: Pipeline,
-        profiles: list[ProfileConfig],
         limits: Limits,
         metrics: Metrics,
     ) -> None:
         self.registry = registry
         self.pipeline = pipeline
-        self.profiles = {profile.name: profile for profile in profiles}
         self.limits = limits
         self.metrics = metrics
 
@@ -55,8 +52,7 @@ class OpenAIServing:
         """Resolves the model (or profile) and checks the request's own fields; then waits for an admission
         slot of the model, and validates limits, alignment and the compute budget while running the prompt
         stage. Cheap checks come first so bad input is refused without queueing."""
-        profile = self.profiles.get(request.model)
-        engine = self.registry.get(profile.model if profile else request.model)
+        engine, profile = self.registry.resolve(request.model)
         raw.state.model = request.model
         sampling = request.sampling_params()
         self._check_n(sampling.n)

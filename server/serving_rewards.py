@@ -13,7 +13,6 @@ from decoding.base import Limits, base_prompt_text, prompt_token_ids
 from models.engine import Engine, SamplingParams
 from models.errors import ContextLengthExceededError, InvalidRequestError
 from server.admission import AdmissionTicket
-from server.config import ProfileConfig
 from server.engines import ModelRegistry
 from server.protocol import Reward, RewardInput, RewardList, RewardRequest
 
@@ -22,9 +21,8 @@ _SCORE_ONLY = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
 
 
 class RewardsHandler:
-    def __init__(self, registry: ModelRegistry, profiles: list[ProfileConfig], limits: Limits) -> None:
+    def __init__(self, registry: ModelRegistry, limits: Limits) -> None:
         self.registry = registry
-        self.profiles = {profile.name: profile for profile in profiles}
         self.limits = limits
 
     async def create(self, request: RewardRequest, ticket: AdmissionTicket) -> RewardList:
@@ -35,7 +33,7 @@ class RewardsHandler:
                 param="input",
             )
         scorers = [self.registry.scorer(name, param="scorers") for name in request.scorers]
-        engine = self._engine(request.model) if request.model is not None else None
+        engine = self.registry.resolve(request.model)[0] if request.model is not None else None
         prompts = [self._prompt_text(engine, item, index) for index, item in enumerate(request.input)]
         likelihoods: list[tuple[float, int]] | None = None
         if engine is not None:
@@ -56,10 +54,6 @@ class RewardsHandler:
                 for i in range(len(pairs))
             ],
         )
-
-    def _engine(self, name: str) -> Engine:
-        profile = self.profiles.get(name)
-        return self.registry.get(profile.model if profile else name)
 
     @staticmethod
     def _prompt_text(engine: Engine | None, item: RewardInput, index: int) -> str:
