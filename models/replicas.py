@@ -19,8 +19,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeVar
 
-import httpx
-
 from models.errors import EngineUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -31,6 +29,9 @@ request_affinity: ContextVar[str | None] = ContextVar("request_affinity", defaul
 """The key whose engine calls share a replica; the server sets it to the request id."""
 
 _MAX_BINDINGS = 10_000
+
+HealthProbe = Callable[[str, float], Awaitable[str | None]]
+"""``probe(url, timeout)``: None if ``url`` answers healthy within ``timeout``, else what went wrong."""
 
 
 class ReplicaUnreachableError(Exception):
@@ -58,15 +59,15 @@ class ReplicaSet:
     Args:
         name: the model name, for messages.
         urls: base URLs of the replicas (``http://host:port``).
-        client: the HTTP client used for health checks.
+        probe: checks one replica's ``/health``.
     """
 
-    def __init__(self, name: str, urls: list[str], client: httpx.AsyncClient) -> None:
+    def __init__(self, name: str, urls: list[str], probe: HealthProbe) -> None:
         if not urls:
             raise ValueError(f"`{name}` needs at least one replica URL")
         self.name = name
         self.replicas = [Replica(url) for url in urls]
-        self._client = client
+        self._probe = probe
         self._bindings: OrderedDict[str, Replica] = OrderedDict()
 
     def pick(self, key: str | None = None, *, exclude: Replica | None = None) -> Replica:
@@ -140,11 +141,7 @@ class ReplicaSet:
             await asyncio.sleep(interval)
 
     async def _check_one(self, replica: Replica, timeout: float) -> None:
-        try:
-            response = await self._client.get(f"{replica.url}/health", timeout=timeout)
-            problem = None if response.status_code == 200 else f"/health answered {response.status_code}"
-        except httpx.HTTPError as exc:
-            problem = repr(exc)
+        problem = await self._probe(f"{replica.url}/health", timeout)
         if problem is not None:
             self.mark_down(replica, problem)
         elif not replica.healthy:

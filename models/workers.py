@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+from models.replicas import HealthProbe
 
 logger = logging.getLogger(__name__)
 
@@ -64,19 +64,19 @@ class ManagedWorker:
         spec: what to launch.
         index: the replica number, for the log file name.
         log_dir: where the worker's output goes (``{name}-{index}.log``).
-        client: the HTTP client for health checks.
+        probe: checks the worker's ``/health``.
         supervision: timeouts and restart backoff.
     """
 
     def __init__(
-        self, spec: WorkerSpec, index: int, log_dir: Path, client: httpx.AsyncClient, supervision: Supervision
+        self, spec: WorkerSpec, index: int, log_dir: Path, probe: HealthProbe, supervision: Supervision
     ) -> None:
         self.spec = spec
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{spec.name}-{index}.log"
         self.restarts = 0
-        self._client = client
+        self._probe = probe
         self._supervision = supervision
         self._process: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -144,12 +144,8 @@ class ManagedWorker:
                     f"worker for `{self.spec.name}` exited with {self._process.returncode} while starting; "
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
-            try:
-                response = await self._client.get(f"{self.url}/health", timeout=self._supervision.health_timeout_s)
-                if response.status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if await self._probe(f"{self.url}/health", self._supervision.health_timeout_s) is None:
+                return
             await asyncio.sleep(0.5)
         raise WorkerStartError(
             f"worker for `{self.spec.name}` was not healthy within {self._supervision.startup_timeout_s:.0f} s; "

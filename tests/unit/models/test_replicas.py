@@ -1,40 +1,34 @@
-"""Replica choice, affinity and failover against scripted HTTP transports."""
+"""Replica choice, affinity and failover against a scripted health probe."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
 
-import httpx
 import pytest
 
 from models.errors import EngineUnavailableError
-from models.replicas import Replica, ReplicaSet, ReplicaUnreachableError, affinity
+from models.replicas import HealthProbe, Replica, ReplicaSet, ReplicaUnreachableError, affinity
 
 URLS = ["http://a:1", "http://b:1", "http://c:1"]
 
 
-def health_transport(down: set[str]) -> httpx.MockTransport:
-    def handle(request: httpx.Request) -> httpx.Response:
-        origin = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
-        if origin in down:
-            raise httpx.ConnectError("refused", request=request)
-        return httpx.Response(200)
+def health_probe(down: set[str]) -> HealthProbe:
+    async def probe(url: str, timeout: float) -> str | None:
+        return "refused" if url.removesuffix("/health") in down else None
 
-    return httpx.MockTransport(handle)
+    return probe
 
 
 async def replica_set(down: set[str] | None = None) -> ReplicaSet:
-    client = httpx.AsyncClient(transport=health_transport(down or set()))
-    replicas = ReplicaSet("m", URLS, client)
+    replicas = ReplicaSet("m", URLS, health_probe(down or set()))
     await replicas.check(timeout=1)
     return replicas
 
 
 async def test_health_checks_take_replicas_out_and_bring_them_back():
     down = {"http://b:1"}
-    client = httpx.AsyncClient(transport=health_transport(down))
-    replicas = ReplicaSet("m", URLS, client)
+    replicas = ReplicaSet("m", URLS, health_probe(down))
     await replicas.check(timeout=1)
     assert [r.healthy for r in replicas.replicas] == [True, False, True]
     down.clear()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
 from models import workers
+from models.worker_http import WorkerHTTP
 from models.workers import ManagedWorker, Supervision, WorkerSpec, WorkerStartError
 
 # Answers /health like a vLLM server; takes (and ignores) the arguments the gateway gives vLLM.
@@ -34,6 +34,10 @@ def stand_in(tmp_path: Path, cpus: tuple[int, ...] = ()) -> WorkerSpec:
     return WorkerSpec("m", tmp_path, "m", command=(sys.executable, "-c", STAND_IN), cpus=cpus)
 
 
+async def unused_probe(url: str, timeout: float) -> str | None:
+    raise AssertionError("this test's worker is never probed")
+
+
 def allowed_cpus(pid: int) -> str:
     status = Path(f"/proc/{pid}/status").read_text()
     return next(line.split(":")[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
@@ -41,26 +45,25 @@ def allowed_cpus(pid: int) -> str:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads CPU affinity from /proc (Linux)")
 async def test_a_worker_with_cpus_runs_pinned_to_them(tmp_path: Path):
-    async with httpx.AsyncClient() as client:
-        worker = ManagedWorker(stand_in(tmp_path, cpus=(0,)), 0, tmp_path, client, Supervision(startup_timeout_s=30))
-        assert worker.command()[:3] == ["taskset", "--cpu-list", "0"]
-        await worker.start()
-        try:
-            assert worker.pid is not None and allowed_cpus(worker.pid) == "0"
-        finally:
-            await worker.stop()
-        assert worker.pid is None
+    http = WorkerHTTP()
+    worker = ManagedWorker(stand_in(tmp_path, cpus=(0,)), 0, tmp_path, http.probe, Supervision(startup_timeout_s=30))
+    assert worker.command()[:3] == ["taskset", "--cpu-list", "0"]
+    await worker.start()
+    try:
+        assert worker.pid is not None and allowed_cpus(worker.pid) == "0"
+    finally:
+        await worker.stop()
+        await http.close()
+    assert worker.pid is None
 
 
 async def test_a_worker_without_cpus_is_launched_as_configured(tmp_path: Path):
-    async with httpx.AsyncClient() as client:
-        worker = ManagedWorker(stand_in(tmp_path), 0, tmp_path, client, Supervision())
+    worker = ManagedWorker(stand_in(tmp_path), 0, tmp_path, unused_probe, Supervision())
     assert worker.command()[0] == sys.executable
 
 
 async def test_cpus_without_taskset_is_a_clear_start_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(workers.shutil, "which", lambda name: None)
-    async with httpx.AsyncClient() as client:
-        worker = ManagedWorker(stand_in(tmp_path, cpus=(0,)), 0, tmp_path, client, Supervision())
-        with pytest.raises(WorkerStartError, match=r"`cpus` of `m` needs the `taskset` command"):
-            await worker.start()
+    worker = ManagedWorker(stand_in(tmp_path, cpus=(0,)), 0, tmp_path, unused_probe, Supervision())
+    with pytest.raises(WorkerStartError, match=r"`cpus` of `m` needs the `taskset` command"):
+        await worker.start()
