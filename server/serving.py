@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 
+import orjson
 from fastapi import Request
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
+from starlette.responses import StreamingResponse
 
 from decoding.alignment import parse_alignment
 from decoding.base import Candidate, Limits
@@ -26,7 +26,32 @@ from server.protocol import AlignmentUsage, ChatCompletionRequest, CompletionReq
 
 logger = logging.getLogger(__name__)
 
-DONE = "[DONE]"
+DONE = b"data: [DONE]\n\n"
+# No caching, and no buffering by proxies such as nginx: each chunk goes out as it is made.
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+Chunk = Sequence[BaseModel] | BaseModel
+"""What a stream's generator yields: one chunk's choices (framed by the stream's envelope), or a whole chunk."""
+
+
+class ChunkFrame:
+    """The chunks of one stream differ only in their choices, so the envelope (id, object, created, model, and
+    what follows the choices) is serialised once; each chunk then costs only its choices' serialisation, and
+    its bytes are exactly what serialising the whole chunk model would give."""
+
+    _CHOICES = b'"choices":[]'
+
+    def __init__(self, envelope: BaseModel) -> None:
+        head, marker, tail = envelope.model_dump_json().encode().partition(self._CHOICES)
+        if not marker:
+            raise ValueError(f"{type(envelope).__name__} must be built with empty choices")
+        self._head = b"data: " + head + b'"choices":['
+        self._tail = b"]" + tail + b"\n\n"
+
+    def event(self, chunk: Chunk) -> bytes:
+        if isinstance(chunk, BaseModel):
+            return b"data: " + chunk.model_dump_json().encode() + b"\n\n"
+        return self._head + b",".join(choice.model_dump_json().encode() for choice in chunk) + self._tail
 
 
 class OpenAIServing:
@@ -108,12 +133,18 @@ class OpenAIServing:
                 yield event
         yield self.finish(model, prepared, finished)
 
-    def event_stream(self, request: Request, chunks: AsyncGenerator[BaseModel, None]) -> EventSourceResponse:
-        """SSE in OpenAI's framing: ``data: {json}`` per chunk, an error chunk on failure, then ``[DONE]``."""
+    def event_stream(
+        self, request: Request, envelope: BaseModel, chunks: AsyncGenerator[Chunk, None]
+    ) -> StreamingResponse:
+        """SSE in OpenAI's framing: ``data: {json}`` per chunk, an error chunk on failure, then ``[DONE]``.
+
+        Starlette cancels the stream when the client disconnects, which closes ``chunks`` and, through them,
+        the engine calls (a vLLM worker aborts the request when its connection closes)."""
         model = getattr(request.state, "model", "")
         started = time.perf_counter()
+        frame = ChunkFrame(envelope)
 
-        async def events() -> AsyncIterator[dict[str, str]]:
+        async def events() -> AsyncIterator[bytes]:
             first = True
             try:
                 async with aclosing(chunks) as items:
@@ -123,11 +154,11 @@ class OpenAIServing:
                                 time.perf_counter() - started
                             )
                             first = False
-                        yield {"data": chunk.model_dump_json()}
+                        yield frame.event(chunk)
             except Exception as exc:
                 error = as_aligned_error(exc)
                 self.metrics.errors.labels(route=self.route, model=model, type=error.error_type).inc()
-                yield {"data": json.dumps(error_payload(error))}
-            yield {"data": DONE}
+                yield b"data: " + orjson.dumps(error_payload(error)) + b"\n\n"
+            yield DONE
 
-        return EventSourceResponse(events(), sep="\n")
+        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -6,7 +6,7 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
 from fastapi import Request
-from sse_starlette import EventSourceResponse
+from starlette.responses import StreamingResponse
 
 from decoding.base import Candidate
 from decoding.events import ChoiceFinished, TextDelta
@@ -28,7 +28,7 @@ from server.protocol import (
     new_id,
     now,
 )
-from server.serving import OpenAIServing
+from server.serving import Chunk, OpenAIServing
 
 
 class ChatCompletionHandler(OpenAIServing):
@@ -36,10 +36,11 @@ class ChatCompletionHandler(OpenAIServing):
 
     async def create(
         self, request: ChatCompletionRequest, raw: Request, ticket: AdmissionTicket
-    ) -> ChatCompletionResponse | EventSourceResponse:
+    ) -> ChatCompletionResponse | StreamingResponse:
         prepared = await self.prepare(raw, ticket, request)
         if request.stream:
-            return self.event_stream(raw, self._chunks(request, prepared))
+            envelope = ChatCompletionChunk(id=new_id("chatcmpl"), created=now(), model=request.model, choices=[])
+            return self.event_stream(raw, envelope, self._chunks(request, prepared, envelope))
         result = await self.pipeline.run(prepared)
         return ChatCompletionResponse(
             id=new_id("chatcmpl"),
@@ -60,27 +61,19 @@ class ChatCompletionHandler(OpenAIServing):
         )
 
     async def _chunks(
-        self, request: ChatCompletionRequest, prepared: Prepared
-    ) -> AsyncGenerator[ChatCompletionChunk, None]:
-        response_id, created = new_id("chatcmpl"), now()
-
-        def chunk(choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=choices)
-
-        yield chunk(
-            [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(request.n)]
-        )
+        self, request: ChatCompletionRequest, prepared: Prepared, envelope: ChatCompletionChunk
+    ) -> AsyncGenerator[Chunk, None]:
+        yield [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(request.n)]
         async with aclosing(self.stream_events(request.model, prepared)) as events:
             async for event in events:
                 match event:
                     case TextDelta(index=index, text=text, logprobs=logprobs):
                         delta = DeltaMessage(content=text) if text else DeltaMessage()
-                        yield chunk([ChatChunkChoice(index=index, delta=delta, logprobs=chat_logprobs(logprobs))])
+                        yield [ChatChunkChoice(index=index, delta=delta, logprobs=chat_logprobs(logprobs))]
                     case ChoiceFinished(index=index, candidate=candidate):
-                        yield chunk([self._finish_chunk(index, candidate, prepared)])
+                        yield [self._finish_chunk(index, candidate, prepared)]
                     case Usage() if request.stream_options and request.stream_options.include_usage:
-                        yield ChatCompletionChunk(id=response_id, created=created, model=request.model, choices=[],
-                                                  usage=event)  # fmt: skip
+                        yield envelope.model_copy(update={"usage": event})
 
     @staticmethod
     def _finish_chunk(index: int, candidate: Candidate, prepared: Prepared) -> ChatChunkChoice:

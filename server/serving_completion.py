@@ -6,7 +6,7 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
 from fastapi import Request
-from sse_starlette import EventSourceResponse
+from starlette.responses import StreamingResponse
 
 from decoding.base import Candidate
 from decoding.events import ChoiceFinished, TextDelta
@@ -22,7 +22,7 @@ from server.protocol import (
     new_id,
     now,
 )
-from server.serving import OpenAIServing
+from server.serving import Chunk, OpenAIServing
 
 LogprobEntry = tuple[str, TokenLogprob | None]
 
@@ -32,10 +32,11 @@ class CompletionHandler(OpenAIServing):
 
     async def create(
         self, request: CompletionRequest, raw: Request, ticket: AdmissionTicket
-    ) -> CompletionResponse | EventSourceResponse:
+    ) -> CompletionResponse | StreamingResponse:
         prepared = await self.prepare(raw, ticket, request)
         if request.stream:
-            return self.event_stream(raw, self._chunks(request, prepared))
+            envelope = CompletionResponse(id=new_id("cmpl"), created=now(), model=request.model, choices=[])
+            return self.event_stream(raw, envelope, self._chunks(request, prepared, envelope))
         result = await self.pipeline.run(prepared)
         prefix = prepared.job.prompt_text if request.echo else ""
         prompt_entries = self._prompt_entries(prepared, result) if result.prompt_logprobs else []
@@ -72,23 +73,19 @@ class CompletionHandler(OpenAIServing):
             for token_id, record in zip(result.prompt_ids, result.prompt_logprobs or [], strict=True)
         ]
 
-    async def _chunks(self, request: CompletionRequest, prepared: Prepared) -> AsyncGenerator[CompletionResponse, None]:
-        response_id, created = new_id("cmpl"), now()
-
-        def chunk(choices: list[CompletionChoice]) -> CompletionResponse:
-            return CompletionResponse(id=response_id, created=created, model=request.model, choices=choices)
-
+    async def _chunks(
+        self, request: CompletionRequest, prepared: Prepared, envelope: CompletionResponse
+    ) -> AsyncGenerator[Chunk, None]:
         async with aclosing(self.stream_events(request.model, prepared)) as events:
             async for event in events:
                 match event:
                     case TextDelta(index=index, text=text, logprobs=records):
                         logprobs = None if records is None else completion_logprobs([(r.token, r) for r in records])
-                        yield chunk([CompletionChoice(index=index, text=text, logprobs=logprobs)])
+                        yield [CompletionChoice(index=index, text=text, logprobs=logprobs)]
                     case ChoiceFinished(index=index, candidate=candidate):
-                        yield chunk([self._finish_choice(index, candidate, prepared)])
+                        yield [self._finish_choice(index, candidate, prepared)]
                     case Usage() if request.stream_options and request.stream_options.include_usage:
-                        yield CompletionResponse(id=response_id, created=created, model=request.model, choices=[],
-                                                 usage=event)  # fmt: skip
+                        yield envelope.model_copy(update={"usage": event})
 
     @staticmethod
     def _finish_choice(index: int, candidate: Candidate, prepared: Prepared) -> CompletionChoice:
