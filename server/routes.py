@@ -31,27 +31,29 @@ from server.serving_completion import CompletionHandler
 from server.serving_rewards import RewardsHandler
 
 
-def _completion_handler(request: Request) -> CompletionHandler:
+# Dependencies are async: FastAPI runs a plain `def` in a worker thread, a hop that cost more than the rest of a
+# request's routing.
+async def _completion_handler(request: Request) -> CompletionHandler:
     return request.app.state.completion_handler
 
 
-def _chat_handler(request: Request) -> ChatCompletionHandler:
+async def _chat_handler(request: Request) -> ChatCompletionHandler:
     return request.app.state.chat_handler
 
 
-def _rewards_handler(request: Request) -> RewardsHandler:
+async def _rewards_handler(request: Request) -> RewardsHandler:
     return request.app.state.rewards_handler
 
 
-def _registry(request: Request) -> ModelRegistry:
+async def _registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def _metrics(request: Request) -> Metrics:
+async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def _grammars(request: Request) -> GrammarService:
+async def _grammars(request: Request) -> GrammarService:
     return request.app.state.grammars
 
 
