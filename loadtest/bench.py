@@ -129,15 +129,29 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     """The numbers a reader looks for first, taken from the benchmarks' own JSON."""
     lines: dict[str, Any] = {}
     if "gateway_overhead" in results:
-        lines["gateway_overhead"] = {
-            row["concurrency"]: {key: row[key] for key in ("added_latency_p50_ms", "added_latency_p99_ms",
-                                                           "throughput_ratio")}
-            for row in results["gateway_overhead"]["rows"]
-        }  # fmt: skip
+        overhead = results["gateway_overhead"]
+        keys = ("added_latency_ms", "throughput_ratio", "gateway_cpu_ms_per_request", "gateway_cpu_us_per_token",
+                "upstream_connections")  # fmt: skip
+        lines["gateway_vs_mock"] = {point_label(row): {k: row[k] for k in keys if k in row}
+                                    for row in overhead["mock"]["rows"]}  # fmt: skip
+        if "vllm" in overhead:
+            lines["gateway_vs_vllm_cpu"] = {
+                f"{row['clients']} streams": {k: row[k] for k in ("throughput_ratio", "added_latency_ms",
+                                                                 "gateway_cpu_us_per_token")}
+                for row in overhead["vllm"]["rows"]
+            }  # fmt: skip
     for name, paths in HEADLINE.items():
         if name in results:
             lines[name] = {path: _at(results[name], path) for path in paths}
     return lines
+
+
+def point_label(row: dict[str, Any]) -> str:
+    """``closed stream 32 clients``, ``open 500/s``, ``paced stream 32 clients``: one gateway benchmark point."""
+    kind = "stream" if row["stream"] else "plain"
+    if row["load"] == "open":
+        return f"open {kind} {row['rate']:g}/s"
+    return f"{row['load']} {kind} {row['clients']} clients"
 
 
 def _at(tree: dict[str, Any], dotted: str) -> Any:
@@ -174,23 +188,36 @@ def plot(sweep_result: dict[str, Any], overhead: dict[str, Any] | None, output: 
     plt.close(figure)
 
     if overhead is not None:
-        rows = overhead["rows"]
-        figure, axis = plt.subplots(figsize=(6, 4.5))
-        levels = [str(row["concurrency"]) for row in rows]
-        for target, style in (("direct", "s--"), ("gateway", "o-")):
-            for quantile, color in (("p50", "tab:blue"), ("p99", "tab:red")):
-                values = [1000 * row[target][f"latency_{quantile}_s"] for row in rows]
-                axis.plot(levels, values, style, color=color, label=f"{target} {quantile}")
-        axis.set(xlabel="concurrent streams", ylabel="latency (ms)", yscale="log",
-                 title="Gateway vs direct vLLM worker (same load)")  # fmt: skip
-        axis.grid(alpha=0.3)
-        axis.legend()
-        figure.tight_layout()
         path = output / "bench_gateway_overhead.png"
-        figure.savefig(path, dpi=120)
+        plot_overhead(overhead, path)
         written.append(path.name)
-        plt.close(figure)
     return written
+
+
+def plot_overhead(overhead: dict[str, Any], path: Path) -> None:
+    """Left: what the gateway adds against the mock upstream, per point; right: against a vLLM CPU worker."""
+    figure, (mock, vllm) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [2, 1]})
+    rows = overhead["mock"]["rows"]
+    labels = [point_label(row) for row in rows]
+    positions = range(len(rows))
+    for offset, quantile, color in ((-0.2, "p50", "tab:blue"), (0.2, "p99", "tab:red")):
+        values = [max(row["added_latency_ms"][quantile], 0.01) for row in rows]
+        mock.bar([p + offset for p in positions], values, width=0.4, color=color, label=f"added {quantile}")
+    mock.set_xticks(list(positions), labels, rotation=35, ha="right", fontsize=8)
+    mock.set(yscale="log", ylabel="added latency (ms)", title="Gateway vs direct, mock upstream (no model compute)")
+    mock.grid(alpha=0.3, axis="y")
+    mock.legend()
+    if "vllm" in overhead:
+        streams = [str(row["clients"]) for row in overhead["vllm"]["rows"]]
+        for target, style in (("direct", "s--"), ("gateway", "o-")):
+            tokens = [row[target]["events_per_s"] for row in overhead["vllm"]["rows"]]
+            vllm.plot(streams, tokens, style, label=target)
+        vllm.set(xlabel="concurrent streams", ylabel="streamed chunks/s", title="Gateway vs direct, vLLM CPU worker")
+        vllm.grid(alpha=0.3)
+        vllm.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main() -> None:
