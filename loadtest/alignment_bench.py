@@ -1,7 +1,7 @@
 """Best-of-N and guideline retrieval costs, side by side in one run.
 
-- best-of-8 as one ``n=8`` engine call vs 8 sequential calls (in-process engine, and a
-  managed vLLM CPU worker unless ``--no-vllm``);
+- best-of-8 as one ``n=8`` engine call vs 8 sequential calls and vs a single sample (in-process engine,
+  and a managed vLLM CPU worker unless ``--no-vllm``);
 - scoring 8 responses in one batched call vs one call per response (in-process reward model);
 - guideline retrieval latency p50/p99 over the default library.
 
@@ -57,16 +57,23 @@ async def best_of_n_calls(engine: Engine, n: int, max_tokens: int, repeats: int)
     async def one_call() -> None:
         await engine.generate(PROMPT, SamplingParams(max_tokens=max_tokens, temperature=1.0, n=n))
 
+    async def single_sample() -> None:
+        await engine.generate(PROMPT, params)
+
     async def sequential() -> None:
         for _ in range(n):
-            await engine.generate(PROMPT, params)
+            await single_sample()
 
     await one_call()  # warm-up
     batched, separate = await timed(one_call, repeats), await timed(sequential, repeats)
+    single = await timed(single_sample, repeats)
     return {
         "one_call_n": summary(batched),
         "sequential_calls": summary(separate),
+        "single_sample": summary(single),
         "time_ratio_sequential_over_one_call": statistics.median(separate) / statistics.median(batched),
+        # What best-of-N costs in wall time over plain sampling, scoring aside.
+        "time_ratio_one_call_over_single_sample": statistics.median(batched) / statistics.median(single),
     }
 
 

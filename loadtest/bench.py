@@ -48,6 +48,7 @@ BENCHMARKS = {
 HEADLINE = {
     "alignment": (
         "best_of_n_hf.time_ratio_sequential_over_one_call", "best_of_n_vllm.time_ratio_sequential_over_one_call",
+        "best_of_n_vllm.time_ratio_one_call_over_single_sample",
         "scoring_hf.time_ratio_one_by_one_over_batched", "guideline_retrieval.p50_ms", "guideline_retrieval.p99_ms",
     ),
     "strategies": (
@@ -210,9 +211,9 @@ def plot_overhead(overhead: dict[str, Any], path: Path) -> None:
     if "vllm" in overhead:
         streams = [str(row["clients"]) for row in overhead["vllm"]["rows"]]
         for target, style in (("direct", "s--"), ("gateway", "o-")):
-            tokens = [row[target]["events_per_s"] for row in overhead["vllm"]["rows"]]
-            vllm.plot(streams, tokens, style, label=target)
-        vllm.set(xlabel="concurrent streams", ylabel="streamed chunks/s", title="Gateway vs direct, vLLM CPU worker")
+            completed = [row[target]["ok_per_s"] for row in overhead["vllm"]["rows"]]
+            vllm.plot(streams, completed, style, label=target)
+        vllm.set(xlabel="concurrent streams", ylabel="streams completed/s", title="Gateway vs direct, vLLM CPU worker")
         vllm.grid(alpha=0.3)
         vllm.legend()
     figure.tight_layout()

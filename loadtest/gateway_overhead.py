@@ -64,14 +64,15 @@ def compare(
     direct: Target,
     through: Target,
     gateway_pid: int,
-    mock: MockWorker,
     tokens: int,
+    mock: MockWorker | None = None,
 ) -> dict[str, Any]:
-    """One point: the load straight to the upstream, then through the gateway."""
+    """One point: the load straight to the upstream, then through the gateway (and, with the ``mock``
+    upstream, the connections the gateway opened to it)."""
     direct_result = summary(*asyncio.run(load(direct)))
-    connections, cpu = mock.stats()["connections"], cpu_seconds(gateway_pid)
+    connections, cpu = _connections(mock), cpu_seconds(gateway_pid)
     gateway_result = summary(*asyncio.run(load(through)))
-    cpu, connections = cpu_seconds(gateway_pid) - cpu, mock.stats()["connections"] - connections
+    cpu, connections = cpu_seconds(gateway_pid) - cpu, _connections(mock) - connections
     ok = max(gateway_result["ok"], 1)
     row = {
         **point,
@@ -81,13 +82,18 @@ def compare(
                              for q in direct_result["latency_ms"]},
         "throughput_ratio": gateway_result["ok_per_s"] / direct_result["ok_per_s"],
         "gateway_cpu_ms_per_request": 1000 * cpu / ok,
-        "upstream_connections": connections,
     }  # fmt: skip
+    if mock is not None:
+        row["upstream_connections"] = connections
     if through.streaming:
         row["added_ttft_p50_ms"] = gateway_result["ttft_p50_ms"] - direct_result["ttft_p50_ms"]
         row["gateway_cpu_us_per_token"] = 1e6 * cpu / (ok * tokens)
     print(json.dumps({k: v for k, v in row.items() if k not in ("direct", "gateway")}, default=round), flush=True)
     return row
+
+
+def _connections(mock: MockWorker | None) -> int:
+    return mock.stats()["connections"] if mock is not None else 0
 
 
 def mock_config(models: Path, instant: MockWorker, paced: MockWorker) -> dict[str, Any]:
@@ -129,7 +135,7 @@ def against_mock(models: Path, args: argparse.Namespace) -> dict[str, Any]:
                         Target(f"{gateway.url}/v1/completions", {"model": model, "prompt": ids, **body}))  # fmt: skip
 
             def run(point: dict[str, Any], load: Load, pair: tuple[Target, Target], mock: MockWorker) -> dict[str, Any]:
-                return compare(point, load, *pair, gateway.process.pid, mock, args.stream_tokens)
+                return compare(point, load, *pair, gateway.process.pid, args.stream_tokens, mock)
 
             plain = targets("mock", instant, max_tokens=16)
             streamed = targets("mock", instant, max_tokens=args.stream_tokens, stream=True)
@@ -175,22 +181,8 @@ def against_vllm(models: Path, args: argparse.Namespace) -> dict[str, Any]:
         through = Target(f"{gateway.url}/v1/completions", {**body, "prompt": PROMPT})
         asyncio.run(closed_loop(direct, 4, 3.0))
         asyncio.run(closed_loop(through, 4, 3.0))
-        rows = []
-        for clients in args.vllm_clients:
-            load = _closed(clients, args.vllm_duration)
-            direct_result = summary(*asyncio.run(load(direct)))
-            cpu = cpu_seconds(gateway.process.pid)
-            gateway_result = summary(*asyncio.run(load(through)))
-            cpu = cpu_seconds(gateway.process.pid) - cpu
-            rows.append({
-                "clients": clients, "direct": direct_result, "gateway": gateway_result,
-                "added_latency_ms": {q: gateway_result["latency_ms"][q] - direct_result["latency_ms"][q]
-                                     for q in direct_result["latency_ms"]},
-                "added_ttft_p50_ms": gateway_result["ttft_p50_ms"] - direct_result["ttft_p50_ms"],
-                "throughput_ratio": gateway_result["events_per_s"] / direct_result["events_per_s"],
-                "gateway_cpu_us_per_token": 1e6 * cpu / max(gateway_result["ok"] * args.vllm_tokens, 1),
-            })  # fmt: skip
-            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("direct", "gateway")}, default=round))
+        rows = [compare({"clients": clients}, _closed(clients, args.vllm_duration), direct, through,
+                        gateway.process.pid, args.vllm_tokens) for clients in args.vllm_clients]  # fmt: skip
     return {"stream_tokens": args.vllm_tokens, "rows": rows}
 
 
