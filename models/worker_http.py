@@ -85,19 +85,27 @@ class WorkerHTTP:
 
 
 async def _sse_data(content: aiohttp.StreamReader) -> AsyncGenerator[bytes, None]:
-    """The ``data`` of each server-sent event (its lines joined), per the SSE format; vLLM sends nothing
-    else, so other fields and comments are skipped."""
-    lines: list[bytes] = []
-    async for raw in content:
-        line = raw.rstrip(b"\r\n")
-        if not line:
-            if lines:
-                yield b"\n".join(lines)
-                lines = []
-        elif line.startswith(b"data:"):
-            lines.append(line[6:] if line[5:6] == b" " else line[5:])
-    if lines:
-        yield b"\n".join(lines)
+    """The ``data`` of each server-sent event (its data lines joined), per the SSE format; vLLM sends nothing
+    else, so other fields and comments are skipped. Reads whatever has arrived and splits it into events,
+    rather than a line at a time: two reads per event were a tenth of the gateway's time under streaming."""
+    pending = b""
+    async for received in content.iter_any():
+        pending += received.replace(b"\r\n", b"\n") if b"\r" in received else received
+        *events, pending = pending.split(b"\n\n")
+        for event in events:
+            data = _event_data(event)
+            if data is not None:
+                yield data
+    data = _event_data(pending)
+    if data is not None:
+        yield data
+
+
+def _event_data(event: bytes) -> bytes | None:
+    if event.startswith(b"data: ") and b"\n" not in event:  # what vLLM sends
+        return event[6:]
+    lines = [line[6:] if line[5:6] == b" " else line[5:] for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
 
 
 @contextmanager

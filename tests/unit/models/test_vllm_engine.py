@@ -229,3 +229,25 @@ async def test_reward_scorer_makes_one_batched_pooling_call(serve: Serve):
     assert len(calls) == 1 and calls[0]["use_activation"] is False
     assert calls[0]["input"] == ["Q:a A:b", "Q:long prompt A:long response"]
     assert scores == [7.0, 29.0]
+
+
+async def test_events_split_across_reads_and_spelled_with_crlf_are_parsed(tiny_models: Path, serve: Serve):
+    """SSE as the format allows it, not only as vLLM writes it: CRLF line ends, comments, an event cut in the
+    middle by the network, data split over two lines."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        first = json.dumps({"choices": [{"index": 0, "text": "a", "token_ids": [1], "finish_reason": None}]})
+        second = json.dumps({"choices": [{"index": 0, "text": "b", "token_ids": [2], "finish_reason": "stop"}]})
+        for piece in [": keep-alive\r\n\r\ndata: ", first[:10], first[10:] + "\r\n\r\n",
+                      f"data: {second[:12]}\ndata: {second[12:]}\n\n", "data: [DONE]\n\n"]:  # fmt: skip
+            await response.write(piece.encode())
+            await asyncio.sleep(0.01)
+        await response.write_eof()
+        return response
+
+    engine = await engine_with(tiny_models, serve, handler)
+    deltas = [delta async for delta in engine.stream([1, 2], SamplingParams(max_tokens=2))]
+    await engine.close()
+    assert [(d.text, d.token_ids) for d in deltas] == [("a", [1]), ("b", [2])]
