@@ -97,12 +97,9 @@ def _connections(mock: MockWorker | None) -> int:
 
 
 def mock_config(models: Path, instant: MockWorker, paced: MockWorker) -> dict[str, Any]:
-    def model(name: str, mock: MockWorker) -> dict[str, Any]:
-        return {"name": name, "backend": "vllm", "path": "base", "vllm": {"urls": [mock.url], "grammar_plugin": False}}
-
     # Admission as shipped; the log at warning so the access log costs what a production gateway's would.
     return {"model_root": str(models), "log_level": "warning",
-            "models": [model("mock", instant), model("mock-paced", paced)]}  # fmt: skip
+            "models": [instant.served_model(), paced.served_model()]}  # fmt: skip
 
 
 @contextlib.contextmanager

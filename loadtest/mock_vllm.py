@@ -234,6 +234,7 @@ class MockWorker:
     the ``with`` block) ends it. ``options`` are its command-line flags without dashes (``tokens_per_s=50``)."""
 
     def __init__(self, model: str, **options: float | int | str) -> None:
+        self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         flags = [item for key, value in options.items() for item in (f"--{key.replace('_', '-')}", str(value))]
@@ -247,6 +248,12 @@ class MockWorker:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"the mock vLLM worker did not start ({' '.join(command)})")
+
+    def served_model(self, tokenizer: str = "base") -> dict[str, Any]:
+        """The alignd config entry of a ``vllm`` model served by this mock (``tokenizer``: the model
+        directory whose tokenizer the gateway loads, under ``model_root``)."""
+        return {"name": self.model, "backend": "vllm", "path": tokenizer,
+                "vllm": {"urls": [self.url], "grammar_plugin": False}}  # fmt: skip
 
     def stats(self) -> dict[str, int]:
         return dict(httpx.get(f"{self.url}/mock/stats", timeout=5).json())

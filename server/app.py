@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -24,6 +25,14 @@ from server.serving_chat import ChatCompletionHandler
 from server.serving_completion import CompletionHandler
 from server.serving_rewards import RewardsHandler
 
+SETTINGS_ENV = "_ALIGND_PROCESS_SETTINGS"
+"""Where ``alignd serve`` leaves the settings for the gateway processes it starts (``processes`` > 1)."""
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one of several gateway processes: uvicorn starts each process with this factory."""
+    return build_app(Settings.model_validate_json(os.environ[SETTINGS_ENV]))
+
 
 def build_app(settings: Settings) -> FastAPI:
     registry = ModelRegistry(settings)
@@ -38,8 +47,12 @@ def build_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Load in the background so /health answers while large models load.
+        # One process loads in the background, so /health answers while large models load. One of several
+        # loads first: uvicorn accepts on the shared socket only after start-up, so a connection never reaches
+        # a process whose models are not loaded while another's are.
         loading = asyncio.create_task(load())
+        if settings.processes > 1:
+            await asyncio.shield(loading)
         try:
             yield
         finally:

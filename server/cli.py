@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import logging.config
+import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.config import Settings
 
 logger = logging.getLogger("alignd")
 
@@ -97,16 +103,31 @@ def _serve(config: Path | None, *, host: str | None, port: int | None) -> int:
         print("alignd: model directories not found:\n  " + "\n  ".join(missing), file=sys.stderr)
         return 2
 
-    from server.app import build_app
+    options: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "log_config": log_config,
+        "timeout_keep_alive": settings.keep_alive_s,
+    }  # fmt: skip
+    if settings.processes == 1:
+        from server.app import build_app
 
-    uvicorn.run(
-        build_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=log_config,
-        timeout_keep_alive=settings.keep_alive_s,
-    )
+        uvicorn.run(build_app(settings), **options)
+        return 0
+    _serve_processes(settings, options)
     return 0
+
+
+def _serve_processes(settings: Settings, options: dict[str, Any]) -> None:
+    """``settings.processes`` gateway processes on one port (uvicorn's workers), their metrics shared."""
+    import uvicorn
+
+    from server.app import SETTINGS_ENV
+    from server.metrics import MULTIPROCESS_DIR
+
+    with tempfile.TemporaryDirectory(prefix="alignd-metrics-") as metrics:
+        os.environ[MULTIPROCESS_DIR] = metrics
+        os.environ[SETTINGS_ENV] = settings.model_dump_json()
+        logger.info("starting gateway processes", extra={"processes": settings.processes})
+        uvicorn.run("server.app:app_from_environment", factory=True, workers=settings.processes, **options)
 
 
 def _quiet_libraries() -> None:

@@ -118,7 +118,11 @@ class WorkersConfig(BaseModel):
 
     health_interval_s: float = Field(default=2.0, gt=0, description="Health checks of every replica.")
     connect_timeout_s: float = Field(default=3.0, gt=0)
-    request_timeout_s: float = Field(default=600.0, gt=0, description="A non-streaming call, end to end.")
+    request_timeout_s: float = Field(
+        default=600.0, gt=0,
+        description="How long a worker may stay silent in a call: a whole non-streaming call, or between two "
+        "chunks of a stream.",
+    )  # fmt: skip
     startup_timeout_s: float = Field(default=600.0, gt=0, description="Managed: until a new worker is healthy.")
     restart_backoff_s: float = Field(default=1.0, gt=0, description="Managed: first restart delay, then doubled.")
     max_restart_backoff_s: float = Field(default=60.0, gt=0)
@@ -186,6 +190,13 @@ class Settings(BaseSettings):
         description="How long an idle client connection stays open. Longer than the longest Retry-After (60 s), "
         "so a client that waits as told reuses its connection instead of racing the server's close.",
     )
+    processes: int = Field(
+        default=1,
+        ge=1,
+        description="Gateway processes sharing the port, for when one core is not enough (uvicorn's workers; the "
+        "kernel spreads connections). Each process has its own admission slots and in-process models and tries; "
+        "metrics are summed over all of them. vLLM models need `urls`: managed workers would be launched per process.",
+    )
     model_root: Path = Field(default=Path("."), description="Base directory for relative model paths.")
     tiny_models: bool = Field(default=False, description="Build the tiny offline models into `model_root` if missing.")
     toy_world: bool = Field(
@@ -227,6 +238,12 @@ class Settings(BaseSettings):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"model, scorer and profile names must be unique; repeated: {', '.join(duplicates)}")
+        managed = [entry.name for entry in entries if entry.backend == "vllm" and not entry.vllm.urls]
+        if self.processes > 1 and managed:
+            raise ValueError(
+                f"`processes: {self.processes}` needs `vllm.urls` for {', '.join(managed)}: every gateway process "
+                "would launch its own managed workers"
+            )
         models = {model.name for model in self.models}
         for profile in self.profiles:
             if profile.model not in models:

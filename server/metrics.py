@@ -1,11 +1,21 @@
-"""Prometheus metrics of one app instance (its own registry: no process globals)."""
+"""Prometheus metrics of one app instance (its own registry: no process globals).
+
+With several gateway processes (``processes``), prometheus_client's multiprocess mode keeps every process's
+values in files under ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` sums them, whichever process answers:
+counters and histograms add up, gauges of live processes are summed (the admission bounds, the same in every
+process, are reported once). The process collector (memory, CPU) is per process and left out there.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -15,8 +25,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        # process_resident_memory_bytes, CPU seconds, open fds: what a soak test watches.
-        ProcessCollector(registry=self.registry)
+        self.shared = MULTIPROCESS_DIR in os.environ
+        if not self.shared:
+            # process_resident_memory_bytes, CPU seconds, open fds: what a soak test watches.
+            ProcessCollector(registry=self.registry)
         self.requests = Counter(
             "alignd_requests", "HTTP requests served.", ["route", "model", "status"], registry=self.registry
         )
@@ -36,7 +48,10 @@ class Metrics:
             "alignd_tokens", "Tokens processed, prompt and completion, across every model a request touched.",
             ["model", "kind"], registry=self.registry,
         )  # fmt: skip
-        self.in_flight = Gauge("alignd_requests_in_flight", "Requests being served.", ["route"], registry=self.registry)
+        self.in_flight = Gauge(
+            "alignd_requests_in_flight", "Requests being served.", ["route"], registry=self.registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.methods = Counter(
             "alignd_alignment_requests", "Requests that used an alignment method.", ["method"], registry=self.registry
         )
@@ -49,11 +64,13 @@ class Metrics:
             ["model"], buckets=(0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0), registry=self.registry,
         )  # fmt: skip
         self.admission_in_flight = Gauge(
-            "alignd_admission_in_flight", "Requests holding a slot of a model.", ["model"], registry=self.registry
-        )
+            "alignd_admission_in_flight", "Requests holding a slot of a model.", ["model"], registry=self.registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.admission_queued = Gauge(
-            "alignd_admission_queued", "Requests waiting for a slot of a model.", ["model"], registry=self.registry
-        )
+            "alignd_admission_queued", "Requests waiting for a slot of a model.", ["model"], registry=self.registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.admission_wait = Histogram(
             "alignd_admission_wait_seconds", "Time a request waited for its slot.", ["model"],
             buckets=LATENCY_BUCKETS, registry=self.registry,
@@ -63,8 +80,8 @@ class Metrics:
             "work_budget (400).", ["model", "reason"], registry=self.registry,
         )  # fmt: skip
         self.admission_limits = Gauge(
-            "alignd_admission_limit", "The configured admission bounds and per-request compute budget.", ["limit"],
-            registry=self.registry,
+            "alignd_admission_limit", "The configured admission bounds (per gateway process) and per-request "
+            "compute budget.", ["limit"], registry=self.registry, multiprocess_mode="max",
         )  # fmt: skip
         self.request_work = Histogram(
             "alignd_request_work", "Compute a request asked for: samples x max_tokens x models.", ["model"],
@@ -103,4 +120,8 @@ class Metrics:
                     metric.labels(model=model).inc(value)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.shared:
+            return generate_latest(self.registry)
+        every_process = CollectorRegistry()
+        MultiProcessCollector(every_process)
+        return generate_latest(every_process)

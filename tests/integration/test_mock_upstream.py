@@ -27,9 +27,8 @@ def mock() -> Iterator[MockWorker]:
 @pytest.fixture(scope="module")
 def gateway(mock: MockWorker, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGateway]:
     directory = tmp_path_factory.mktemp("mock-gateway")
-    model = {"name": "mock", "backend": "vllm", "path": "base", "vllm": {"urls": [mock.url], "grammar_plugin": False}}
     config = directory / "alignd.yaml"
-    config.write_text(yaml.safe_dump({"model_root": str(tiny_models), "models": [model]}))
+    config.write_text(yaml.safe_dump({"model_root": str(tiny_models), "models": [mock.served_model()]}))
     with LocalGateway(config, directory / "alignd.log") as live:
         yield live
 

@@ -59,3 +59,17 @@ def test_the_tiny_models_config_serves_the_tiny_models():
 def test_invalid_files_are_rejected(tmp_path: Path, text: str):
     with pytest.raises(ValidationError):
         Settings.load(write(tmp_path, text))
+
+
+def test_several_processes_need_vllm_models_by_url(tmp_path: Path):
+    managed = "processes: 2\nmodels:\n  - {name: a, backend: vllm, path: /m}\n  - {name: b, path: /m}\n"
+    with pytest.raises(ValidationError, match=r"`processes: 2` needs `vllm.urls` for a"):
+        Settings.load(write(tmp_path, managed))
+    remote = "processes: 2\nmodels:\n  - {name: a, backend: vllm, path: /m, vllm: {urls: ['http://w:8000']}}\n"
+    assert Settings.load(write(tmp_path, remote)).processes == 2
+
+
+def test_settings_reach_every_process_unchanged():
+    """``alignd serve`` hands the settings to its gateway processes as JSON."""
+    settings = Settings.load(processes=2)
+    assert Settings.model_validate_json(settings.model_dump_json()) == settings
