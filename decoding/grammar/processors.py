@@ -131,8 +131,8 @@ class ASApLogitsProcessor:
         self.lock = lock
         self.node: EFGNode = trie.root
         self._walked = 0
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
-        """The previous position's log-probabilities and allowed mask: what a new child's parent needs."""
+        self._last: torch.Tensor | None = None
+        """The previous position's allowed log-probabilities: what a new child's parent needs."""
 
     def __call__(self, output_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         import torch
@@ -140,14 +140,16 @@ class ASApLogitsProcessor:
         allowed = self.state.allowed(output_ids, logits)
         if self.state.ended:
             return logits
-        log_probs = torch.log_softmax(logits.double(), dim=-1)
+        # log P(t | prefix) over the grammar's tokens, -inf elsewhere: one vector per position, from which both
+        # a new child's log P and a node's unvisited mass are read.
+        allowed_log_probs = torch.log_softmax(logits.double(), dim=-1).masked_fill_(~allowed, -math.inf)
         with self.lock:
             self._walk(output_ids)
             node = self.node
             if node.log_unvisited is None:
-                self.trie.settle(node, log_unvisited=_unvisited_mass(node, log_probs, allowed))
+                self.trie.settle(node, log_unvisited=_unvisited_mass(node, allowed_log_probs))
             tilt = {token: child.log_efg for token, child in node.children.items() if token < logits.shape[-1]}
-        self._last = (log_probs, allowed)
+        self._last = allowed_log_probs
         if not tilt:
             return logits
         tilted = logits.clone()
@@ -159,24 +161,23 @@ class ASApLogitsProcessor:
         for token in output_ids[self._walked :]:
             parent = self.node
             assert self._last is not None, "a token was sampled before the processor saw its position"
-            log_probs, allowed = self._last
             if token not in parent.children:
-                self.node = self.trie.child(parent, token, float(log_probs[token]))
-                self.trie.settle(parent, log_unvisited=_unvisited_mass(parent, log_probs, allowed))
+                self.node = self.trie.child(parent, token, float(self._last[token]))
+                self.trie.settle(parent, log_unvisited=_unvisited_mass(parent, self._last))
             else:
                 self.node = parent.children[token]
             self._walked += 1
 
 
-def _unvisited_mass(node: EFGNode, log_probs: torch.Tensor, allowed: torch.Tensor) -> float:
+def _unvisited_mass(node: EFGNode, allowed_log_probs: torch.Tensor) -> float:
     """log Σ P(t | node) over the allowed tokens without a child, summed afresh (no subtraction): -inf if none."""
     import torch
 
-    unvisited = allowed.clone()
-    unvisited[[token for token in node.children if token < len(unvisited)]] = False
-    if not bool(unvisited.any()):
-        return -math.inf
-    return float(torch.logsumexp(log_probs[unvisited], dim=0))
+    visited = [token for token in node.children if token < len(allowed_log_probs)]
+    if not visited:  # a node being expanded: every allowed token is unvisited
+        return float(torch.logsumexp(allowed_log_probs, dim=0))
+    unvisited = allowed_log_probs.index_fill(0, torch.tensor(visited, dtype=torch.long), -math.inf)
+    return float(torch.logsumexp(unvisited, dim=0))
 
 
 def grammar_processors(

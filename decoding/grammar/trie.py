@@ -54,11 +54,15 @@ class EFGNode:
     def efg(self, value: float) -> None:
         self.log_efg = math.log(value) if value > 0 else -math.inf
 
-    def recompute(self) -> None:
+    def recompute(self) -> bool:
+        """Tightens the bound from the node's own terms; whether it changed."""
         if self.log_unvisited is None:
-            return
+            return False
         terms = [self.log_unvisited, *(child.log_p + child.log_efg for child in self.children.values())]
-        self.log_efg = min(self.log_efg, log_sum_exp(terms))
+        bound = min(self.log_efg, log_sum_exp(terms))
+        changed = bound != self.log_efg
+        self.log_efg = bound
+        return changed
 
 
 class EFGTrie:
@@ -77,12 +81,13 @@ class EFGTrie:
 
     @staticmethod
     def settle(node: EFGNode, *, log_unvisited: float | None = None) -> None:
-        """Sets a node's unvisited mass (when expanded or given a new child) and updates it and its ancestors."""
+        """Sets a node's unvisited mass (when expanded or given a new child) and updates it and its ancestors,
+        as far as a bound changes: a parent's bound depends only on its children's, so above an unchanged node
+        nothing can change."""
         if log_unvisited is not None:
             node.log_unvisited = log_unvisited
         current: EFGNode | None = node
-        while current is not None:
-            current.recompute()
+        while current is not None and current.recompute():
             current = current.parent
 
 
