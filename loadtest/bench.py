@@ -54,6 +54,7 @@ HEADLINE = {
     "strategies": (
         "nudging_prefix_caching_on.wall_ratio_nudging_over_base_only",
         "nudging_prefix_caching_on.engine_calls_per_100_tokens", "transfer_q.speedup_batched_over_sequential",
+        "transfer_q.batched_rollouts.engine_calls_per_decision_step",
     ),
     "grammar": (
         "json_schema.gcd_over_unconstrained", "json_schema.asap_over_unconstrained", "ebnf.gcd_over_unconstrained",

@@ -111,6 +111,25 @@ def _before_next_turn(text: str) -> str:
     return text.split(NEXT_TURN, 1)[0]
 
 
+class CountedCalls:
+    """An engine whose calls (one sample, a batch) are counted."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
+        self.calls += 1
+        return await self.engine.generate(prompt, params)
+
+    async def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        self.calls += 1
+        return await self.engine.generate_batch(prompts, params)
+
+
 class OneCallPerCandidate:
     """The baseline engine, but rollouts go out as one call per candidate."""
 
@@ -128,9 +147,17 @@ class OneCallPerCandidate:
 
 
 async def transfer_q_run(
-    base: Engine, baseline: Any, reward: HFRewardScorer, tasks: Sequence[Mapping[str, Any]], max_tokens: int
+    base: CountedCalls,
+    baseline: Any,
+    reward: HFRewardScorer,
+    tasks: Sequence[Mapping[str, Any]],
+    max_tokens: int,
+    counted: Sequence[CountedCalls],
 ) -> dict[str, Any]:
+    """Transfer-Q* over ``tasks``; ``counted``: the engines whose calls make up its engine calls."""
     params = TransferQParams(baseline="toy-baseline", reward="toy-rm", top_k=10, rollout_tokens=20)
+    for engine in counted:
+        engine.calls = 0
     steps, wall, answers = 0, 0.0, []
     for task in tasks:
         prompt = task["prompt"]
@@ -144,7 +171,9 @@ async def transfer_q_run(
         steps += details.decision_steps
         answers.append((prompt, text))
     rewards = await reward.score(answers)
+    calls = sum(engine.calls for engine in counted)
     return {"decision_steps": steps, "wall_s": wall, "decision_steps_per_s": steps / wall,
+            "engine_calls_per_decision_step": calls / max(steps, 1),
             "reward_mean": statistics.fmean(rewards)}  # fmt: skip
 
 
@@ -164,16 +193,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 report[f"nudging_{caching}_base_chunk_64"] = long
             finally:
                 await asyncio.gather(base.close(), nudger.close())
-        base = await launch(world, "base", Path(logs))
-        baseline = await launch(world, "baseline", Path(logs))
+        base = CountedCalls(await launch(world, "base", Path(logs)))
+        baseline = CountedCalls(await launch(world, "baseline", Path(logs)))
         reward = HFRewardScorer("toy-rm", world / "reward")
         try:
-            few, tq_tokens = tasks[: args.transfer_q_tasks], args.transfer_q_tokens
-            batched = await transfer_q_run(base, baseline, reward, few, tq_tokens)
+            few, tq_tokens, counted = tasks[: args.transfer_q_tasks], args.transfer_q_tokens, (base, baseline)
+            batched = await transfer_q_run(base, baseline, reward, few, tq_tokens, counted)
             one_by_one = OneCallPerCandidate(baseline, concurrent=False)
-            sequential = await transfer_q_run(base, one_by_one, reward, few, tq_tokens)
+            sequential = await transfer_q_run(base, one_by_one, reward, few, tq_tokens, counted)
             at_once = OneCallPerCandidate(baseline, concurrent=True)
-            concurrent = await transfer_q_run(base, at_once, reward, few, tq_tokens)
+            concurrent = await transfer_q_run(base, at_once, reward, few, tq_tokens, counted)
             report["transfer_q"] = {
                 "top_k": 10,
                 "rollout_tokens": 20,
