@@ -10,7 +10,7 @@
 Writes ``loadtest/results/bench.json`` and ``loadtest/results/bench_*.png``. With real models on GPUs, point
 ``--host`` at your deployment (see the README's Performance section).
 
-    python -m loadtest.bench                          # everything (about 30 minutes on 2 CPU cores)
+    python -m loadtest.bench                          # everything (about 36 minutes on 2 CPU cores)
     python -m loadtest.bench --skip-benchmarks        # the sweep only
     python -m loadtest.bench --levels 1 4 16 --level-duration 10s
     python -m loadtest.bench --host http://gpu-gateway:8000 --skip-benchmarks -- --base-model base --chat-model chat
