@@ -43,7 +43,7 @@ class Target:
 
 
 def session(connections: int) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=connections, force_close=False)
+    connector = aiohttp.TCPConnector(limit=connections)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S))
 
 

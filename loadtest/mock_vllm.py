@@ -119,12 +119,12 @@ class MockVLLM:
             return
         choices = []
         for position, prompt in enumerate(prompts):
+            extra = {}
+            if body.get("prompt_logprobs") is not None:
+                extra["prompt_logprobs"] = _prompt_logprobs(prompt, int(body["prompt_logprobs"]), self.settings)
             for i in range(n):
                 ids = [self.token(seed, i, t) for t in range(max_tokens)]
-                choice = self.choice(position * n + i, ids, logprobs, "length")
-                if body.get("prompt_logprobs") is not None:
-                    choice["prompt_logprobs"] = _prompt_logprobs(prompt, int(body["prompt_logprobs"]), self.settings)
-                choices.append(choice)
+                choices.append({**self.choice(position * n + i, ids, logprobs, "length"), **extra})
         usage = {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": len(prompts) * n * max_tokens}
         await _respond_json(send, {"id": "cmpl-mock", "object": "text_completion", "created": int(time.time()),
                                    "model": self.settings.model, "choices": choices, "usage": usage})  # fmt: skip

@@ -68,9 +68,8 @@ class VLLMService:
         **options: Any,
     ) -> VLLMService:
         """Launches ``replicas`` managed workers and waits until all are healthy."""
-        timeouts = {"connect_timeout_s": options.get("connect_timeout_s", 3.0),
-                    "read_timeout_s": options.get("request_timeout_s", 600.0)}  # fmt: skip
-        http = WorkerHTTP(**timeouts)
+        http = WorkerHTTP(connect_timeout_s=options.get("connect_timeout_s", 3.0),
+                          read_timeout_s=options.get("request_timeout_s", 600.0))  # fmt: skip
         directory = log_dir or Path(tempfile.mkdtemp(prefix="alignd-workers-"))
         workers = [ManagedWorker(spec, index, directory, http.probe, supervision) for index in range(replicas)]
         service = cls(spec.name, [worker.url for worker in workers], workers=workers, http=http, **options)

@@ -52,7 +52,7 @@ def build_app(settings: Settings) -> FastAPI:
         # a process whose models are not loaded while another's are.
         loading = asyncio.create_task(load())
         if settings.processes > 1:
-            await asyncio.shield(loading)
+            await loading
         try:
             yield
         finally:

@@ -26,7 +26,13 @@ from server.protocol import AlignmentUsage, ChatCompletionRequest, CompletionReq
 
 logger = logging.getLogger(__name__)
 
-DONE = b"data: [DONE]\n\n"
+
+def sse_event(data: bytes) -> bytes:
+    """One server-sent event carrying ``data``."""
+    return b"data: " + data + b"\n\n"
+
+
+DONE = sse_event(b"[DONE]")
 # No caching, and no buffering by proxies such as nginx: each chunk goes out as it is made.
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -45,13 +51,13 @@ class ChunkFrame:
         head, marker, tail = envelope.model_dump_json().encode().partition(self._CHOICES)
         if not marker:
             raise ValueError(f"{type(envelope).__name__} must be built with empty choices")
-        self._head = b"data: " + head + b'"choices":['
-        self._tail = b"]" + tail + b"\n\n"
+        self._head = head + b'"choices":['
+        self._tail = b"]" + tail
 
     def event(self, chunk: Chunk) -> bytes:
         if isinstance(chunk, BaseModel):
-            return b"data: " + chunk.model_dump_json().encode() + b"\n\n"
-        return self._head + b",".join(choice.model_dump_json().encode() for choice in chunk) + self._tail
+            return sse_event(chunk.model_dump_json().encode())
+        return sse_event(self._head + b",".join(choice.model_dump_json().encode() for choice in chunk) + self._tail)
 
 
 class OpenAIServing:
@@ -158,7 +164,7 @@ class OpenAIServing:
             except Exception as exc:
                 error = as_aligned_error(exc)
                 self.metrics.errors.labels(route=self.route, model=model, type=error.error_type).inc()
-                yield b"data: " + orjson.dumps(error_payload(error)) + b"\n\n"
+                yield sse_event(orjson.dumps(error_payload(error)))
             yield DONE
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
