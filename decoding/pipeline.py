@@ -6,7 +6,9 @@ The pipeline folds over the stage hooks of the request's methods (``decoding.sta
 2. strategy: the request's strategy (plain unless a method registers another) renders the
    base prompt; processor-stage methods (grammar) constrain the generating engine;
 3. selection: a selection-stage method (best-of-N) draws its candidates from the strategy
-   and returns the top ``n``; without one the strategy draws ``n``.
+   and returns the top ``n``; without one the strategy draws ``n``;
+4. gate: before the strategy runs, gate-stage methods (uncertainty, abstain) judge the base's
+   greedy answer, measured once; an abstention answers every choice without generating.
 
 ``run`` and ``stream`` share every step: a stream is the incremental view of ``run``'s
 result (token by token for plain generation without selection, else each choice whole),
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel
@@ -37,6 +39,7 @@ from decoding.base import (
 from decoding.events import ChoiceFinished, StreamEvent, TextDelta
 from decoding.plain import PlainStrategy
 from decoding.stages import EngineConstraint, MethodSpec, Services
+from decoding.uncertainty import greedy_answer
 from decoding.usage import MeteredEngine, MeteredResources, UsageMeter
 from models.engine import Engine, SamplingParams, TokenLogprob
 from models.errors import ContextLengthExceededError, InvalidRequestError, WorkBudgetExceededError
@@ -66,6 +69,8 @@ class Prepared:
     prompt_details: dict[str, BaseModel]
     samples: int
     """Candidates the strategy draws: the selection stage's, else ``n``."""
+    extra_samples: int = 0
+    """Samples of the base besides the strategy's: calibration references, a gate's greedy answer."""
 
     @property
     def meter(self) -> UsageMeter:
@@ -74,12 +79,27 @@ class Prepared:
     @property
     def work(self) -> int:
         """The compute the request asked for: samples x max_tokens x models (generating engines and scorers)."""
-        return self.samples * self.job.sampling.max_tokens * len(self.meter.models)
+        return (self.samples + self.extra_samples) * self.job.sampling.max_tokens * len(self.meter.models)
+
+    @property
+    def plain_stream(self) -> bool:
+        """Text can stream as it is made: plain generation, nothing selected afterwards."""
+        return isinstance(self.strategy, PlainStrategy) and self.selection is None
 
     @property
     def selection(self) -> tuple[MethodParams, MethodSpec] | None:
         selected = self.request.alignment.at("selection")
         return (selected[0][1], selected[0][2]) if selected else None
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What the gate stage decided: an abstention (every choice answers with it), the greedy answer that
+    already is the response, and the gates' details for every choice."""
+
+    abstention: str | None = None
+    greedy: Candidate | None = None
+    details: dict[str, BaseModel] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -108,11 +128,11 @@ class Pipeline:
         """Every check that can refuse the request runs here, before any generation (and before a stream's 200)."""
         alignment = request.alignment
         resources = MeteredResources(self.resources, UsageMeter(models={request.engine.info.name}))
-        samples = request.sampling.n
+        samples, extra_samples = request.sampling.n, 0
         for _, params, spec in alignment.at("selection"):
             assert spec.selection is not None
             spec.selection.check(params, request.sampling, resources, self.limits)
-            samples = spec.selection.samples(params)
+            samples, extra_samples = spec.selection.samples(params), spec.selection.base_samples(params)
         prompt, prompt_details = request.prompt, {}
         for name, params, spec in alignment.at("prompt"):
             assert spec.prompt is not None
@@ -128,47 +148,91 @@ class Pipeline:
             sampling = constraint.apply(sampling)
         job = replace(job, sampling=sampling)
         strategy.check(job)
-        prepared = Prepared(request, job, strategy, constraints, resources, prompt_details, samples)
+        gates = alignment.at("gate")
+        for _, params, spec in gates:
+            assert spec.gate is not None
+            spec.gate.check(params, job)
+        extra_samples += 1 if gates else 0
+        prepared = Prepared(request, job, strategy, constraints, resources, prompt_details, samples, extra_samples)
         self._check_work(prepared)
         return prepared
 
     async def run(self, prepared: Prepared) -> PipelineResult:
-        generation = await prepared.strategy.generate(prepared.job, prepared.samples)
-        candidates = [self._finish(prepared, candidate) for candidate in generation.candidates]
-        selection = prepared.selection
-        if selection is not None:
-            params, spec = selection
-            assert spec.selection is not None
-            candidates = await spec.selection.select(params, candidates, prepared.job, prepared.resources)
-        return PipelineResult(prepared.job.prompt_ids, candidates, prepared.meter, generation.prompt_logprobs)
+        return await self._run(prepared, await self._judge(prepared))
 
     async def stream(self, prepared: Prepared) -> AsyncGenerator[StreamEvent, None]:
-        strategy = prepared.strategy
-        if isinstance(strategy, PlainStrategy) and prepared.selection is None:
+        verdict = await self._judge(prepared)
+        if prepared.plain_stream and verdict.abstention is None and verdict.greedy is None:
+            assert isinstance(prepared.strategy, PlainStrategy)
             # Text streams as it is made; the choices end together, once every sample has: their details
             # (a trie's size, say) then describe the request as a whole, exactly as ``run``'s do.
             finished: list[ChoiceFinished] = []
-            async with aclosing(strategy.stream(prepared.job)) as events:
+            async with aclosing(prepared.strategy.stream(prepared.job)) as events:
                 async for event in events:
                     if isinstance(event, ChoiceFinished):
                         finished.append(event)
                     else:
                         yield event
             for event in sorted(finished, key=lambda event: event.index):
-                yield ChoiceFinished(event.index, self._finish(prepared, event.candidate))
+                yield ChoiceFinished(event.index, self._finish(prepared, event.candidate, verdict))
             return
         # Nothing can be shown before the strategy (and the selection) are done: each choice arrives whole.
-        result = await self.run(prepared)
+        result = await self._run(prepared, verdict)
         for index, candidate in enumerate(result.choices):
             yield TextDelta(index, candidate.text, candidate.logprobs)
             yield ChoiceFinished(index, candidate)
 
-    def _finish(self, prepared: Prepared, candidate: Candidate) -> Candidate:
+    async def _run(self, prepared: Prepared, verdict: Verdict) -> PipelineResult:
+        job = prepared.job
+        if verdict.abstention is not None:
+            choices = [self._abstention(prepared, verdict) for _ in range(job.sampling.n)]
+            return PipelineResult(job.prompt_ids, choices, prepared.meter)
+        if verdict.greedy is not None:
+            return PipelineResult(job.prompt_ids, [self._finish(prepared, verdict.greedy, verdict)], prepared.meter)
+        generation = await prepared.strategy.generate(job, prepared.samples)
+        candidates = [self._finish(prepared, candidate, verdict) for candidate in generation.candidates]
+        selection = prepared.selection
+        if selection is not None:
+            params, spec = selection
+            assert spec.selection is not None
+            candidates = await spec.selection.select(params, candidates, job, prepared.resources)
+        return PipelineResult(job.prompt_ids, candidates, prepared.meter, generation.prompt_logprobs)
+
+    async def _judge(self, prepared: Prepared) -> Verdict:
+        """The gate stage: the base's greedy answer measured once, each gate's verdict on it. A plain, greedy
+        request of one choice (no prompt logprobs) is answered by that greedy answer itself."""
+        gates = prepared.request.alignment.at("gate")
+        if not gates:
+            return Verdict()
+        greedy, uncertainty = await greedy_answer(prepared.job)
+        verdict = Verdict()
+        for name, params, spec in gates:
+            assert spec.gate is not None
+            abstention, verdict.details[name] = spec.gate.verdict(params, uncertainty)
+            verdict.abstention = verdict.abstention or abstention
+        sampling = prepared.job.sampling
+        if (
+            prepared.plain_stream and sampling.temperature == 0 and sampling.n == 1
+            and sampling.prompt_logprobs is None and sampling.logprobs != 0
+        ):  # fmt: skip
+            greedy.logprobs = greedy.logprobs if sampling.logprobs is not None else None
+            verdict.greedy = greedy
+        return verdict
+
+    def _abstention(self, prepared: Prepared, verdict: Verdict) -> Candidate:
+        """A choice that answers with the abstention: the prompt stage's and the gates' details only."""
+        assert verdict.abstention is not None
+        ids = prepared.job.engine.tokenizer.encode(verdict.abstention, add_special_tokens=False)
+        candidate = Candidate(verdict.abstention, ids, "stop")
+        candidate.details = {**prepared.prompt_details, **verdict.details}
+        return candidate
+
+    def _finish(self, prepared: Prepared, candidate: Candidate, verdict: Verdict) -> Candidate:
         """A finished candidate as the methods see it: reviewed by the engine constraints, with the prompt
-        stage's details first."""
+        stage's and the gates' details first."""
         for constraint in prepared.constraints:
             constraint.review(candidate)
-        candidate.details = {**prepared.prompt_details, **candidate.details}
+        candidate.details = {**prepared.prompt_details, **verdict.details, **candidate.details}
         return candidate
 
     def _strategy(self, alignment: Alignment, resources: MeteredResources) -> Strategy:
@@ -203,10 +267,11 @@ class Pipeline:
         if prepared.work <= limit:
             return
         name = prepared.request.budget_param
+        samples = prepared.samples + prepared.extra_samples
         raise WorkBudgetExceededError(
-            f"This request asks for {prepared.samples} samples x {prepared.job.sampling.max_tokens} tokens x "
+            f"This request asks for {samples} samples x {prepared.job.sampling.max_tokens} tokens x "
             f"{len(prepared.meter.models)} models = {prepared.work}, above the server's budget of {limit} "
-            f"per request. Lower `{name}`, `n` or `alignment.best_of_n.n`.",
+            f"per request. Lower `{name}`, `n`, `alignment.best_of_n.n` or its calibration references.",
             param=name,
         )
 

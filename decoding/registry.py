@@ -8,6 +8,7 @@ from decoding.guidelines import GuidelinesParams, GuidelinesStage
 from decoding.nudging import NudgingParams, NudgingStrategy
 from decoding.stages import MethodSpec
 from decoding.transfer_q import TransferQParams, TransferQStrategy
+from decoding.uncertainty import AbstainGate, AbstainParams, UncertaintyGate, UncertaintyParams
 
 METHODS: dict[str, MethodSpec] = {
     "guidelines": MethodSpec(GuidelinesParams, prompt=GuidelinesStage()),
@@ -15,4 +16,6 @@ METHODS: dict[str, MethodSpec] = {
     "transfer_q": MethodSpec(TransferQParams, strategy=TransferQStrategy),
     "grammar": MethodSpec(GrammarParams, processor=GrammarStage()),
     "best_of_n": MethodSpec(BestOfNParams, selection=BestOfNSelection()),
+    "uncertainty": MethodSpec(UncertaintyParams, gate=UncertaintyGate()),
+    "abstain": MethodSpec(AbstainParams, gate=AbstainGate()),
 }

@@ -7,7 +7,9 @@ each (see ``decoding.pipeline``):
 2. **strategy** — a ``StrategyFactory`` builds the request's ``Strategy`` (exactly one; plain by default);
 3. **processor** — ``ProcessorStage.constrain``: an ``EngineConstraint`` that runs inside the generating
    engine and reviews every finished candidate;
-4. **selection** — ``SelectionStage``: how many candidates to draw, and which to return.
+4. **selection** — ``SelectionStage``: how many candidates to draw, and which to return;
+5. **gate** — ``GateStage``: before any of the strategy's work, a verdict on the base's greedy answer
+   and its uncertainty (measured once per request, by one greedy call): answer, or abstain.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from decoding.base import Candidate, GenerationJob, Limits, MethodParams, Prompt
 from models.engine import SamplingParams
 
 T = TypeVar("T")
-Stage = Literal["prompt", "strategy", "processor", "selection"]
+Stage = Literal["prompt", "strategy", "processor", "selection", "gate"]
 
 
 class Services:
@@ -74,10 +76,24 @@ class SelectionStage(Protocol):
         """How many candidates the strategy draws."""
         ...
 
+    def base_samples(self, params: Any) -> int:
+        """How many more samples it draws from the base itself (calibration references): counted as work."""
+        ...
+
     async def select(
         self, params: Any, candidates: list[Candidate], job: GenerationJob, resources: Resources
     ) -> list[Candidate]:
         """The ``job.sampling.n`` candidates returned, in selection order, each with its details."""
+        ...
+
+
+class GateStage(Protocol):
+    def check(self, params: Any, job: GenerationJob) -> None:
+        """Refuses, before any work, what the gate cannot measure (a model without logprobs, say)."""
+        ...
+
+    def verdict(self, params: Any, uncertainty: Any) -> tuple[str | None, BaseModel]:
+        """The abstention to answer with (None: generate as asked), and the details of the decision."""
         ...
 
 
@@ -90,9 +106,10 @@ class MethodSpec:
     strategy: StrategyFactory | None = None
     processor: ProcessorStage | None = None
     selection: SelectionStage | None = None
+    gate: GateStage | None = None
 
     def __post_init__(self) -> None:
-        hooks = [self.prompt, self.strategy, self.processor, self.selection]
+        hooks = [self.prompt, self.strategy, self.processor, self.selection, self.gate]
         if sum(hook is not None for hook in hooks) != 1:
             raise ValueError(f"{self.params.__name__}: a method registers exactly one stage hook")
 
@@ -102,4 +119,6 @@ class MethodSpec:
             return "prompt"
         if self.strategy is not None:
             return "strategy"
-        return "processor" if self.processor is not None else "selection"
+        if self.processor is not None:
+            return "processor"
+        return "selection" if self.selection is not None else "gate"

@@ -11,6 +11,7 @@ from typing import Any
 
 from evaluation.gateway import LocalGateway
 from evaluation.runner import Configuration, Outcome, run_configuration
+from toyworld import world
 
 KNOWLEDGE = ("capital", "country", "birth-year", "sum")
 STOP = {"stop": ["\nUser:"], "max_tokens": 40}
@@ -22,6 +23,23 @@ NUDGING = {"nudging": {"nudger": "toy-nudger", "gamma": 0.4}}
 
 def held_out_tasks(world: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (world / "tasks.jsonl").read_text().splitlines()]
+
+
+def seen_capitals(seed: int = 0) -> list[dict[str, Any]]:
+    """Capital questions about the training split, which the chat models learned (the held-out ones they
+    did not: their answers there are guesses)."""
+    countries = world.make_world(seed).train_countries
+    return [{**world.task("capital", f"What is the capital of {c.name}?", c.capital, "contains"), "id": f"seen-{i}"}
+            for i, c in enumerate(countries)]  # fmt: skip
+
+
+def abstention(outcomes: Sequence[Outcome], unknown: Sequence[bool]) -> tuple[float, float, list[float]]:
+    """Precision and recall of the abstentions against the questions the model could not know, and the
+    checker's score of each answered question."""
+    abstained = [bool(o.details["abstain"]["abstained"]) for o in outcomes]  # type: ignore[index]
+    caught = sum(a and u for a, u in zip(abstained, unknown, strict=True))
+    answered = [float(bool(o.passed)) for o, a in zip(outcomes, abstained, strict=True) if not a]
+    return caught / max(sum(abstained), 1), caught / max(sum(unknown), 1), answered
 
 
 def of(tasks: Sequence[dict[str, Any]], *categories: str) -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
 """Spot checks of the toy world's effects on vLLM CPU workers, served by the shipped
-``deploy/toy-world-vllm.yaml``: nudging, best-of-N (its profile) and guidelines, on held-out tasks."""
+``deploy/toy-world-vllm.yaml``: nudging, best-of-N (its profile), guidelines and abstention (its profile)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ from tests.toy_world import (
     GREEDY,
     KNOWLEDGE,
     STOP,
+    abstention,
     held_out_tasks,
     nudged_fraction,
     of,
     passed,
     report,
     run,
+    seen_capitals,
 )
 
 SHIPPED = Path(__file__).parents[2] / "deploy" / "toy-world-vllm.yaml"
@@ -74,3 +76,15 @@ def test_guidelines_on_vllm_workers(gateway: LocalGateway, tasks: list[dict[str,
     report("guidelines on vLLM", rule_tasks=len(rules), compliance_without=bootstrap(passed(without)),
            compliance_with=bootstrap(passed(with_)))  # fmt: skip
     assert paired_difference(passed(with_), passed(without)).low > 0.2
+
+
+def test_abstention_profile_on_vllm_workers(gateway: LocalGateway, tasks: list[dict[str, Any]]):
+    seen, unseen = seen_capitals(), of(tasks, "capital")
+    items, unknown = seen + unseen, [False] * len(seen) + [True] * len(unseen)
+    plain = run(gateway, items, Configuration("plain", "toy-baseline", sampling=CHAT_GREEDY))
+    honest = run(gateway, items, Configuration("honest", "toy-honest", sampling=CHAT_GREEDY))
+    precision, recall, answered = abstention(honest, unknown)
+    report("abstain on vLLM", seen=len(seen), unseen=len(unseen), precision=round(precision, 3),
+           recall=round(recall, 3), answered_score_plain=bootstrap(passed(plain)),
+           answered_score_abstain=bootstrap(answered))  # fmt: skip
+    assert precision >= 0.75 and recall >= 0.6

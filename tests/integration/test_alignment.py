@@ -115,7 +115,13 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("unknown-field", {"guidelines": {"top_k": 2, "k": 3}}, "alignment.guidelines.k"),
     ("unknown-library", {"guidelines": {"library": "nope"}}, "alignment.guidelines.library"),
     ("bad-details-flag", {"return_details": "yes"}, "alignment.return_details"),
-]
+    ("too-many-references", {"best_of_n": {"reward": "rm", "calibrate": {"references": 65}}},
+     "alignment.best_of_n.calibrate.references"),
+    ("unknown-transform", {"best_of_n": {"reward": "rm", "calibrate": {"transform": "log"}}},
+     "alignment.best_of_n.calibrate.transform"),
+    ("abstain-without-threshold", {"abstain": {}}, "alignment.abstain.threshold"),
+    ("negative-threshold", {"abstain": {"threshold": -1}}, "alignment.abstain.threshold"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("alignment", "param"), [case[1:] for case in BAD], ids=[case[0] for case in BAD])
@@ -138,3 +144,50 @@ def test_combinations_that_cannot_work_are_400s(server: LocalGateway):
     token_ids = {"model": "tiny-base", "prompt": [5, 6, 7], "alignment": {"guidelines": {}}}
     response = httpx.post(f"{server.url}/v1/completions", json=token_ids, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["param"] == "alignment.guidelines"
+
+
+def test_calibrated_best_of_n_counts_its_reference_samples_in_usage(client: openai.OpenAI):
+    def run(alignment: dict[str, Any]) -> Any:
+        return client.completions.create(
+            model="tiny-base", prompt="def add(a, b):", max_tokens=6, seed=2, temperature=1.0,
+            extra_body={"alignment": {"best_of_n": alignment, "return_details": True}},
+        )  # fmt: skip
+
+    raw = run({"n": 4, "reward": "rm"})
+    calibrated = run({"n": 4, "reward": "rm", "calibrate": {"references": 8, "transform": "best_of_n"}})
+    record = details(calibrated.choices[0])["best_of_n"]
+    assert len(record["reference_rewards"]["rm"]) == 8
+    assert all(c["calibrated"]["rm"] > 0 for c in record["candidates"])  # exp(t·u) > 0
+    assert calibrated.choices[0].text == raw.choices[0].text  # max selection: unchanged by calibration
+    assert calibrated.usage is not None and raw.usage is not None
+    assert calibrated.usage.completion_tokens > raw.usage.completion_tokens
+
+
+def test_calibration_of_greedy_samples_is_a_400(server: LocalGateway):
+    body = {"model": "tiny-base", "prompt": "x", "temperature": 0,
+            "alignment": {"best_of_n": {"reward": "rm", "calibrate": {}}}}  # fmt: skip
+    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "alignment.best_of_n.calibrate"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_abstain_and_uncertainty_through_the_api(client: openai.OpenAI, stream: bool):
+    def run(threshold: float) -> tuple[str, dict[str, Any]]:
+        alignment = {"uncertainty": {}, "abstain": {"threshold": threshold, "answer": "I do not know."},
+                     "return_details": True}  # fmt: skip
+        response = client.chat.completions.create(
+            model="tiny-chat", messages=MESSAGES, max_tokens=5, temperature=0, stream=stream,
+            extra_body={"alignment": alignment},
+        )  # fmt: skip
+        if not stream:
+            return response.choices[0].message.content or "", details(response.choices[0])
+        chunks = [chunk for chunk in response if chunk.choices]
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+        return text, details(chunks[-1].choices[0])
+
+    answered, kept = run(1e6)
+    abstained, refused = run(0.0)  # a random model is never sure of anything
+    assert abstained == "I do not know." and refused["abstain"]["abstained"] is True
+    assert answered != abstained and kept["abstain"]["abstained"] is False
+    assert kept["uncertainty"] == refused["uncertainty"] == kept["abstain"]["uncertainty"]
+    assert kept["uncertainty"]["nll"] > 0 and 0 < kept["uncertainty"]["min_top1_probability"] < 1

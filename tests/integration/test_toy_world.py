@@ -30,12 +30,14 @@ from tests.toy_world import (
     KNOWLEDGE,
     NUDGING,
     STOP,
+    abstention,
     held_out_tasks,
     nudged_fraction,
     of,
     passed,
     report,
     run,
+    seen_capitals,
 )
 from toyworld.world import true_reward
 
@@ -216,3 +218,25 @@ def test_guidelines_make_the_chat_model_follow_the_rules_and_leave_other_request
            benign_with_a_guideline=round(float(retrieved), 3))  # fmt: skip
     assert paired_difference(passed(with_), passed(without)).low > 0.2
     assert unchanged >= 0.9
+
+
+ABSTAIN_THRESHOLD = 0.12
+"""G-NLL per token above which the chat model abstains (chosen on the seed-0 world; the test keeps margins)."""
+
+
+def test_abstention_catches_the_facts_the_chat_model_never_saw(toy_gateway: LocalGateway, tasks: list[dict[str, Any]]):
+    # The baseline chat model learned the training split's capitals only: the held-out ones it has to guess.
+    seen, unseen = seen_capitals(), of(tasks, "capital")
+    items, unknown = seen + unseen, [False] * len(seen) + [True] * len(unseen)
+    alignment = {"abstain": {"threshold": ABSTAIN_THRESHOLD, "answer": "I do not know."}}
+    plain = run(toy_gateway, items, Configuration("plain", "toy-baseline", sampling=CHAT_GREEDY))
+    gated = run(toy_gateway, items, Configuration("abstain", "toy-baseline", alignment=alignment, sampling=CHAT_GREEDY))
+    precision, recall, answered = abstention(gated, unknown)
+    per_token = [o.details["abstain"]["uncertainty"]["nll_per_token"] for o in gated]  # type: ignore[index]
+    report("abstain", seen=len(seen), unseen=len(unseen), precision=round(precision, 3), recall=round(recall, 3),
+           answered_score_plain=bootstrap(passed(plain)), answered_score_abstain=bootstrap(answered),
+           answered=len(answered), gnll_per_token_seen=round(float(np.mean(per_token[: len(seen)])), 3),
+           gnll_per_token_unseen=round(float(np.mean(per_token[len(seen) :])), 3))  # fmt: skip
+    assert all(o.text == "I do not know." for o in gated if o.details["abstain"]["abstained"])  # type: ignore[index]
+    assert precision >= 0.75 and recall >= 0.6
+    assert float(np.mean(answered)) > float(np.mean(passed(plain))) + 0.2

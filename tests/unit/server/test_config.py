@@ -34,7 +34,14 @@ def test_embedded_default_serves_the_toy_world():
     assert {scorer.name for scorer in settings.scorers} == {"toy-rm", "is-json"}
     assert settings.guidelines.libraries[0].path == settings.model_root / "guidelines.jsonl"
     profiles = {profile.name for profile in settings.profiles}
-    assert profiles == {"toy-nudged", "toy-best-of-8", "toy-transfer-q", "toy-guided", "toy-chat-best-of-8"}
+    assert profiles == {
+        "toy-nudged",
+        "toy-best-of-8",
+        "toy-transfer-q",
+        "toy-guided",
+        "toy-chat-best-of-8",
+        "toy-honest",
+    }
 
 
 def test_the_tiny_models_config_serves_the_tiny_models():
