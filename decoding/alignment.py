@@ -76,12 +76,13 @@ def parse_alignment(raw: Mapping[str, Any] | None, profile: Mapping[str, Any] | 
             methods[name] = METHODS[name].params.model_validate(value)
         except ValidationError as exc:
             raise from_validation_errors(exc.errors(), prefix=f"alignment.{name}") from exc
-    strategies = [name for name in methods if METHODS[name].stage == "strategy"]
-    if len(strategies) > 1:
-        raise InvalidRequestError(
-            f"Choose one generation strategy; `{strategies[0]}` and `{strategies[1]}` cannot be combined.",
-            param=f"alignment.{strategies[1]}",
-        )
+    for stage, what in (("strategy", "generation strategy"), ("selection", "selection method")):
+        chosen = [name for name in methods if METHODS[name].stage == stage]
+        if len(chosen) > 1:
+            raise InvalidRequestError(
+                f"Choose one {what}; `{chosen[0]}` and `{chosen[1]}` cannot be combined.",
+                param=f"alignment.{chosen[1]}",
+            )
     details = merged.get("return_details", False)
     if not isinstance(details, bool):
         raise InvalidRequestError("`return_details` must be a boolean.", param="alignment.return_details")

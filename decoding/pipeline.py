@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from decoding.alignment import Alignment
 from decoding.base import (
     Candidate,
+    Generation,
     GenerationJob,
     Limits,
     MethodParams,
@@ -153,6 +154,7 @@ class Pipeline:
             assert spec.gate is not None
             spec.gate.check(params, job)
         extra_samples += 1 if gates else 0
+        self._check_own_draws(alignment, samples, constraints)
         prepared = Prepared(request, job, strategy, constraints, resources, prompt_details, samples, extra_samples)
         self._check_work(prepared)
         return prepared
@@ -189,7 +191,9 @@ class Pipeline:
             return PipelineResult(job.prompt_ids, choices, prepared.meter)
         if verdict.greedy is not None:
             return PipelineResult(job.prompt_ids, [self._finish(prepared, verdict.greedy, verdict)], prepared.meter)
-        generation = await prepared.strategy.generate(job, prepared.samples)
+        generation = Generation([])
+        if prepared.samples:  # else the selection stage draws its own candidates (early rejection)
+            generation = await prepared.strategy.generate(job, prepared.samples)
         candidates = [self._finish(prepared, candidate, verdict) for candidate in generation.candidates]
         selection = prepared.selection
         if selection is not None:
@@ -260,6 +264,21 @@ class Pipeline:
             assert spec.processor is not None
             constraints.append(spec.processor.constrain(params, job, self.services))
         return tuple(constraints)
+
+    @staticmethod
+    def _check_own_draws(alignment: Alignment, samples: int, constraints: tuple[EngineConstraint, ...]) -> None:
+        """A selection method that draws its own samples from the base continues them from their token ids:
+        there is no other strategy to draw from, and a grammar's state would restart with each continuation."""
+        selection = alignment.at("selection")
+        if samples or not selection:
+            return
+        other = [name for name, _, _ in alignment.at("strategy")] + (["grammar"] if constraints else [])
+        if other:
+            method = selection[0][0]
+            raise InvalidRequestError(
+                f"`{method}` generates the base's own candidates in rounds; it cannot be combined with `{other[0]}`.",
+                param=f"alignment.{method}",
+            )
 
     def _check_work(self, prepared: Prepared) -> None:
         """Refuses, before any generation, a request that asks for more compute than the server allows."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decoding.best_of_n import BestOfNParams, BestOfNSelection
+from decoding.early_rejection import EarlyRejectionParams, EarlyRejectionSelection
 from decoding.grammar import GrammarParams, GrammarStage
 from decoding.guidelines import GuidelinesParams, GuidelinesStage
 from decoding.nudging import NudgingParams, NudgingStrategy
@@ -16,6 +17,7 @@ METHODS: dict[str, MethodSpec] = {
     "transfer_q": MethodSpec(TransferQParams, strategy=TransferQStrategy),
     "grammar": MethodSpec(GrammarParams, processor=GrammarStage()),
     "best_of_n": MethodSpec(BestOfNParams, selection=BestOfNSelection()),
+    "early_rejection": MethodSpec(EarlyRejectionParams, selection=EarlyRejectionSelection()),
     "uncertainty": MethodSpec(UncertaintyParams, gate=UncertaintyGate()),
     "abstain": MethodSpec(AbstainParams, gate=AbstainGate()),
 }

@@ -191,3 +191,28 @@ def test_abstain_and_uncertainty_through_the_api(client: openai.OpenAI, stream: 
     assert answered != abstained and kept["abstain"]["abstained"] is False
     assert kept["uncertainty"] == refused["uncertainty"] == kept["abstain"]["uncertainty"]
     assert kept["uncertainty"]["nll"] > 0 and 0 < kept["uncertainty"]["min_top1_probability"] < 1
+
+
+def test_early_rejection_is_best_of_n_at_rate_0_and_cheaper_above(client: openai.OpenAI):
+    def run(alignment: dict[str, Any]) -> Any:
+        return client.completions.create(
+            model="tiny-base", prompt="def add(a, b):", max_tokens=16, seed=4, temperature=1.0,
+            extra_body={"alignment": {**alignment, "return_details": True}},
+        )  # fmt: skip
+
+    best = run({"best_of_n": {"n": 8, "reward": "rm"}})
+    same = run({"early_rejection": {"n": 8, "reward": "rm", "rejection_rate": 0}})
+    early = run({"early_rejection": {"n": 8, "reward": "rm", "first_checkpoint": 4, "rejection_rate": 0.75}})
+    assert same.choices[0].text == best.choices[0].text
+    record = details(early.choices[0])["early_rejection"]
+    assert record["checkpoints"][0] == {"tokens": 4, "running": 8, "kept": record["checkpoints"][0]["kept"]}
+    assert len(record["checkpoints"][0]["kept"]) == 2
+    assert early.usage is not None and best.usage is not None
+    assert early.usage.completion_tokens < best.usage.completion_tokens
+
+
+def test_early_rejection_with_a_strategy_is_a_400(server: LocalGateway):
+    body = {"model": "tiny-base", "prompt": "x",
+            "alignment": {"early_rejection": {"n": 4, "reward": "rm"}, "nudging": {"nudger": "tiny-chat"}}}  # fmt: skip
+    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "alignment.early_rejection"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -240,3 +241,30 @@ def test_abstention_catches_the_facts_the_chat_model_never_saw(toy_gateway: Loca
     assert all(o.text == "I do not know." for o in gated if o.details["abstain"]["abstained"])  # type: ignore[index]
     assert precision >= 0.75 and recall >= 0.6
     assert float(np.mean(answered)) > float(np.mean(passed(plain))) + 0.2
+
+
+def test_early_rejection_is_best_of_16_at_rate_0_and_spends_under_a_third_of_its_tokens_above(
+    toy_gateway: LocalGateway, tasks: list[dict[str, Any]]
+):
+    # Toy answers are about 14 tokens: under a third of best-of-16's tokens needs the first checkpoint at 3.
+    items = of(tasks, *KNOWLEDGE)[::2]
+    sampled = {"temperature": 1.0, **STOP}
+    rejecting = {"n": 16, "reward": "toy-rm", "first_checkpoint": 3, "rejection_rate": 0.75, "rounds": 2}
+    runs = {}
+    for name, alignment in (("best-of-16", {"best_of_n": {"n": 16, "reward": "toy-rm"}}),
+                            ("rate-0", {"early_rejection": {**rejecting, "rejection_rate": 0}}),
+                            ("early-rejection", {"early_rejection": rejecting})):  # fmt: skip
+        started = time.perf_counter()
+        runs[name] = (run(toy_gateway, items, Configuration(name, "toy-base", "completions", alignment, sampled)),
+                      time.perf_counter() - started)  # fmt: skip
+    (best, best_s), (same, _), (early, early_s) = runs["best-of-16"], runs["rate-0"], runs["early-rejection"]
+    best_reward = [max(c["reward"] for c in o.details["best_of_n"]["candidates"]) for o in best]  # type: ignore[index]
+    early_reward = [o.details["early_rejection"]["reward"] for o in early]  # type: ignore[index]
+    tokens = sum(o.completion_tokens for o in early) / sum(o.completion_tokens for o in best)
+    report("early rejection", tasks=len(items), reward_best_of_16=bootstrap(best_reward),
+           reward_early_rejection=bootstrap(early_reward),
+           difference=paired_difference(early_reward, best_reward), token_ratio=round(tokens, 3),
+           pass_best_of_16=bootstrap(passed(best)), pass_early_rejection=bootstrap(passed(early)),
+           wall_s_best_of_16=round(best_s, 1), wall_s_early_rejection=round(early_s, 1))  # fmt: skip
+    assert [o.text for o in same] == [o.text for o in best]
+    assert tokens <= 1 / 3
