@@ -9,6 +9,7 @@ import pytest
 
 from decoding.alignment import parse_alignment
 from decoding.base import Limits, PromptInput
+from decoding.events import ChoiceFinished, TextDelta
 from decoding.pipeline import AlignedRequest, Pipeline
 from models.engine import SamplingParams
 from models.errors import InvalidRequestError
@@ -98,3 +99,17 @@ def test_abstain_needs_a_threshold_within_bounds():
         with pytest.raises(InvalidRequestError) as refused:
             parse_alignment({"abstain": bad})
         assert refused.value.param is not None and refused.value.param.startswith("alignment.abstain")
+
+
+async def test_a_sampled_stream_streams_after_the_measurement_and_ends_with_the_same_details():
+    model = engine()
+    request = AlignedRequest(
+        engine=model, prompt=PromptInput(text="the unsure"), sampling=SamplingParams(temperature=1.0, seed=2),
+        alignment=parse_alignment({"uncertainty": {}, "return_details": True}), requested_max_tokens=4,
+    )  # fmt: skip
+    pipeline = pipe()
+    events = [event async for event in pipeline.stream(await pipeline.prepare(request))]
+    finished = [event for event in events if isinstance(event, ChoiceFinished)]
+    assert [type(event) for event in events[:-1]] == [TextDelta] * (len(events) - 1)
+    assert finished[0].candidate.details["uncertainty"].nll == pytest.approx(UNSURE_NLL)
+    assert [params.temperature for _, params in model.generate_calls] == [0.0, 1.0]
