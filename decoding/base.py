@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,8 +31,11 @@ class Limits(BaseModel):
     max_nudging_rounds: int = Field(default=150, ge=1, description="Largest `alignment.nudging.max_rounds`.")
     max_grammar_bytes: int = Field(default=65_536, ge=1, description="Largest grammar or schema accepted.")
     max_trie_nodes: int = Field(default=1_000_000, ge=1, description="ASAp: the trie store's node budget (LRU).")
-    max_transfer_q_work: int = Field(
-        default=20_000, ge=1, description="Transfer-Q*: top_k x rollouts x (rollout_tokens + 1) x decision steps."
+    max_guided_work: int = Field(
+        default=20_000,
+        ge=1,
+        description="Token-guided decoding: the work of a decision step x decision steps. A Transfer-Q* step is "
+        "top_k x rollouts x (rollout_tokens + 1), a GenARM step top_k.",
     )
     max_request_work: int = Field(
         default=262_144,
@@ -50,6 +53,9 @@ class MethodParams(BaseModel):
     """Base of every method's parameters: unknown fields are errors."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    shares_tokenizer: ClassVar[tuple[str, ...]] = ()
+    """The fields naming models that read the base's token ids: they must share its tokenizer (checked per
+    request, and at start-up for profiles)."""
 
 
 @dataclass(slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decoding.best_of_n import BestOfNParams, BestOfNSelection
 from decoding.early_rejection import EarlyRejectionParams, EarlyRejectionSelection
+from decoding.genarm import GenArmParams, GenArmStrategy
 from decoding.grammar import GrammarParams, GrammarStage
 from decoding.guidelines import GuidelinesParams, GuidelinesStage
 from decoding.nudging import NudgingParams, NudgingStrategy
@@ -15,6 +16,7 @@ METHODS: dict[str, MethodSpec] = {
     "guidelines": MethodSpec(GuidelinesParams, prompt=GuidelinesStage()),
     "nudging": MethodSpec(NudgingParams, strategy=NudgingStrategy),
     "transfer_q": MethodSpec(TransferQParams, strategy=TransferQStrategy),
+    "genarm": MethodSpec(GenArmParams, strategy=GenArmStrategy),
     "grammar": MethodSpec(GrammarParams, processor=GrammarStage()),
     "best_of_n": MethodSpec(BestOfNParams, selection=BestOfNSelection()),
     "early_rejection": MethodSpec(EarlyRejectionParams, selection=EarlyRejectionSelection()),

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from decoding.grammar import VLLM_GRAMMAR_PLUGIN
 from decoding.guidelines import DEFAULT_LIBRARY, GuidelineLibrary
+from decoding.registry import METHODS
 from models.engine import Engine
 from models.errors import EngineUnavailableError, InvalidRequestError, ModelNotFoundError
 from models.scorers import Scorer
@@ -216,16 +217,25 @@ class ModelRegistry:
         self._check_profiles()
 
     def _check_profiles(self) -> None:
-        """Start-up checks that need loaded models: a Transfer-Q* baseline shares its base's tokenizer."""
+        """Start-up checks that need loaded models: a model a method pairs with the base (a Transfer-Q*
+        baseline, a GenARM reward model) shares its tokenizer."""
         for profile in self._settings.profiles:
-            transfer_q = profile.alignment.get("transfer_q") or {}
-            base, baseline = self._engines.get(profile.model), self._engines.get(transfer_q.get("baseline", ""))
-            if base is not None and baseline is not None and base.info.tokenizer_id != baseline.info.tokenizer_id:
-                self.load_error = (
-                    f"profile `{profile.name}`: the Transfer-Q* baseline `{baseline.info.name}` does not share "
-                    f"the tokenizer of `{profile.model}`"
-                )
+            mismatch = self._tokenizer_mismatch(profile)
+            if mismatch is not None:
+                self.load_error = f"profile `{profile.name}`: {mismatch}"
                 logger.error("invalid profile", extra={"profile": profile.name, "reason": self.load_error})
+
+    def _tokenizer_mismatch(self, profile: ProfileConfig) -> str | None:
+        base = self._engines.get(profile.model)
+        if base is None:
+            return None
+        for method, spec in METHODS.items():
+            for field in spec.params.shares_tokenizer:
+                paired = self._engines.get((profile.alignment.get(method) or {}).get(field, ""))
+                if paired is not None and paired.info.tokenizer_id != base.info.tokenizer_id:
+                    where = f"alignment.{method}.{field}"
+                    return f"`{where}` `{paired.info.name}` does not share the tokenizer of `{profile.model}`"
+        return None
 
     async def _load_libraries(self) -> None:
         try:

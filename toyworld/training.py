@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int], None]
 """Called with the number of optimisation steps just taken."""
+PreferenceExample = tuple[list[int], int, list[int], int]
+"""A preference pair as token ids: (chosen, where its answer starts, rejected, where its answer starts)."""
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
@@ -228,4 +230,58 @@ def train_reward(
         return -torch.nn.functional.logsigmoid(rewards[0::2] - rewards[1::2]).mean()
 
     steps = math.ceil(len(encoded) / schedule.batch_size)
+    return _optimise(model, batches, loss_of, schedule, steps, progress)
+
+
+def preference_examples(
+    tokenizer: PreTrainedTokenizerFast, triples: Sequence[tuple[str, str, str, int]]
+) -> list[PreferenceExample]:
+    """(prompt, chosen, rejected, end-of-answer id) as token ids the way a model that continues the prompt
+    writes them: each answer tokenised together with its prompt (so the boundary token is the one generation
+    produces), then the end-of-answer id."""
+    examples = []
+    for prompt, chosen, rejected, end in triples:
+        start = len(tokenizer.encode(prompt, add_special_tokens=False))
+        chosen_ids, rejected_ids = ([*tokenizer.encode(prompt + answer, add_special_tokens=False), end]
+                                    for answer in (chosen, rejected))  # fmt: skip
+        examples.append((chosen_ids, start, rejected_ids, start))
+    return examples
+
+
+def train_autoregressive_reward(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, examples: Sequence[PreferenceExample],
+    schedule: Schedule, *, beta: float, seed: int, progress: Progress,
+) -> float:  # fmt: skip
+    """GenARM's autoregressive reward model (Xu et al. 2024): ``r(x, y) = beta · Σ_t log π_r(y_t | x, y_<t)``,
+    trained with the Bradley-Terry loss ``-log sigmoid(r(x, y_w) - r(x, y_l))``: each token's log-probability is
+    then a token-level reward, which decoding adds to the base's logits."""
+    import torch
+
+    rng = random.Random(seed)
+    pad = tokenizer.pad_token_id
+
+    def batches(epoch: int) -> Iterator[torch.Tensor]:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for first in range(0, len(order), schedule.batch_size):
+            rows = [(ids, start) for i in order[first : first + schedule.batch_size]
+                    for ids, start in (examples[i][:2], examples[i][2:])]  # fmt: skip
+            width = max(len(ids) for ids, _ in rows)
+            batch = torch.full((2, len(rows), width), pad)
+            batch[1] = -100
+            for row, (ids, start) in enumerate(rows):
+                batch[0, row, : len(ids)] = torch.tensor(ids)
+                batch[1, row, start : len(ids)] = torch.tensor(ids[start:])
+            yield batch
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        inputs, labels = batch[0], batch[1]
+        logits = model(input_ids=inputs, attention_mask=(labels != -100) | (inputs != pad)).logits[:, :-1]
+        targets = labels[:, 1:]
+        answer = targets != -100
+        token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        rewards = beta * (token_logprobs * answer).sum(dim=-1)
+        return -torch.nn.functional.logsigmoid(rewards[0::2] - rewards[1::2]).mean()
+
+    steps = math.ceil(len(examples) / schedule.batch_size)
     return _optimise(model, batches, loss_of, schedule, steps, progress)

@@ -14,7 +14,8 @@ from scipy.stats import chisquare
 from decoding.alignment import parse_alignment
 from decoding.base import Limits, PromptInput
 from decoding.pipeline import AlignedRequest, Pipeline
-from decoding.transfer_q import TransferQ, TransferQParams, decision_probabilities, self_normalised_q
+from decoding.token_guidance import decision_probabilities
+from decoding.transfer_q import TransferQ, TransferQParams, self_normalised_q
 from models.engine import SamplingParams
 from models.errors import InvalidRequestError
 from tests.fakes import EOS, FakeResources, WordEngine, make_pipeline
@@ -180,7 +181,7 @@ def pipeline() -> tuple[Pipeline, WordEngine]:
         engines={"baseline": baseline, "other": other},
         scorers=[FunctionScorer(reward_of), FunctionScorer(reward_of, "r2")],
     )
-    return make_pipeline(resources, Limits(max_transfer_q_work=500)), base
+    return make_pipeline(resources, Limits(max_guided_work=500)), base
 
 
 async def run(pipe: Pipeline, base: WordEngine, alignment: dict, max_tokens: int = 4):
