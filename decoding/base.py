@@ -159,6 +159,12 @@ def plain_text_prompt(messages: Sequence[Mapping[str, str]], cue: str = "Assista
     return "\n".join([*lines, cue])
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """The text before the first stop string, and whether there was one."""
+    found = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return (text[: min(found)], True) if found else (text, False)
+
+
 def base_prompt_text(base: Engine, prompt: PromptInput) -> str | None:
     """A multi-model strategy's base prompt: the base's chat template if it has one, else plain text."""
     if prompt.messages is None:

@@ -49,11 +49,11 @@ class GenArm(GuidedDecoding):
 
     def __init__(
         self, base: Engine, arm: Engine, params: GenArmParams, *, prompt_ids: list[int], max_tokens: int,
-        seed: int | None = None,
+        stop: tuple[str, ...] = (), seed: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__(
             base, prompt_ids=prompt_ids, max_tokens=max_tokens, top_k=params.top_k, block_tokens=1,
-            alpha=1 / params.beta, temperature=params.temperature, seed=seed, name="genarm",
+            alpha=1 / params.beta, temperature=params.temperature, stop=stop, seed=seed, name="genarm",
         )  # fmt: skip
         self.arm = arm
 
@@ -86,4 +86,4 @@ class GenArmStrategy(GuidedStrategy):
 
     def decoding(self, job: GenerationJob, seed: int | None) -> GenArm:
         return GenArm(job.engine, self.guide, self.params, prompt_ids=job.prompt_ids,
-                      max_tokens=job.sampling.max_tokens, seed=seed)  # fmt: skip
+                      max_tokens=job.sampling.max_tokens, stop=job.sampling.stop, seed=seed)  # fmt: skip

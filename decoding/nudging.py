@@ -32,6 +32,7 @@ from decoding.base import (
     PromptInput,
     Resources,
     base_prompt_text,
+    cut_at_stop,
     generate_each,
 )
 from decoding.transcript import Piece, View
@@ -140,7 +141,7 @@ class Nudging:
             stopped_by = "eos"
         while stopped_by is None:
             stopped_by = await self._step()
-        answer, _ = _cut_at_stop(self.answer, self.stop)
+        answer, _ = cut_at_stop(self.answer, self.stop)
         spans = _within(self.spans, len(answer))
         finish: FinishReason = "length" if stopped_by in ("length", "max_rounds") else "stop"
         details = NudgingDetails(
@@ -160,7 +161,7 @@ class Nudging:
         if chunk.piece.text:
             self.answer += self._share(chunk.piece)
             _append(self.spans, self.base.info.name, chunk.piece.text)
-        if _cut_at_stop(self.answer, self.stop)[1]:
+        if cut_at_stop(self.answer, self.stop)[1]:
             return "stop"
         if chunk.finish is not None:
             return "eos" if chunk.finish == "stop" else "length"
@@ -180,7 +181,7 @@ class Nudging:
         piece = self._nudger_piece(nudge, keep)
         self.answer += self._share(piece)
         self.spans.append(NudgedSpan(source=self.nudger.info.name, text=piece.text, base_p1=base_p1))
-        if _cut_at_stop(self.answer, self.stop)[1]:
+        if cut_at_stop(self.answer, self.stop)[1]:
             return "stop"
         self.recent.append(piece.text)
         if len(self.recent) == 3 and len(set(self.recent)) == 1:
@@ -287,11 +288,6 @@ def _within(spans: list[NudgedSpan], length: int) -> list[NudgedSpan]:
         kept.append(span.model_copy(update={"text": span.text[: length - end]}))
         end += len(span.text)
     return [span for span in kept if span.text]
-
-
-def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
-    found = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return (text[: min(found)], True) if found else (text, False)
 
 
 class NudgingStrategy:

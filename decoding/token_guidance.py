@@ -23,7 +23,16 @@ from typing import ClassVar
 import numpy as np
 from pydantic import BaseModel, Field
 
-from decoding.base import Candidate, Generation, GenerationJob, Limits, PromptInput, base_prompt_text, generate_each
+from decoding.base import (
+    Candidate,
+    Generation,
+    GenerationJob,
+    Limits,
+    PromptInput,
+    base_prompt_text,
+    cut_at_stop,
+    generate_each,
+)
 from models.engine import Engine, FinishReason, SamplingParams
 from models.errors import InvalidRequestError
 
@@ -103,6 +112,7 @@ class GuidedDecoding(ABC):
         top_k: candidates per decision step.
         block_tokens: 1: the base's top-k next tokens; more: k sampled blocks of that many tokens.
         alpha: the value's weight; temperature: of the decision (0 = argmax).
+        stop: stop strings: the answer ends before the first (its tokens up to there are kept, as an engine does).
         seed: seeds sampled choices and blocks; ``name`` keeps methods' random streams apart.
     """
 
@@ -118,10 +128,12 @@ class GuidedDecoding(ABC):
         block_tokens: int,
         alpha: float,
         temperature: float,
+        stop: tuple[str, ...],
         seed: int | None,
         name: str,
     ) -> None:
         self.base = base
+        self.stop = stop
         self.prompt_ids, self.max_tokens = prompt_ids, max_tokens
         self.top_k, self.block_tokens = top_k, block_tokens
         self.alpha, self.temperature = alpha, temperature
@@ -145,14 +157,14 @@ class GuidedDecoding(ABC):
             log_ratio += decision_log_ratio(logprobs, values, self.alpha, self.temperature, chosen)
             answer += candidates[chosen].token_ids[: self.max_tokens - len(answer)]
             steps.append(self._record(candidates, values, chosen))
-            if ended[chosen]:
+            if ended[chosen] or cut_at_stop(self.base.tokenizer.decode(answer), self.stop)[1]:
                 finish = "stop"
                 break
         details = self.details_model(
             decision_steps=len(steps), log_ratio=log_ratio, steps=steps[:MAX_REPORTED_STEPS],
             truncated=len(steps) > MAX_REPORTED_STEPS,
         )  # fmt: skip
-        return answer, self.base.tokenizer.decode(answer), finish, details
+        return answer, cut_at_stop(self.base.tokenizer.decode(answer), self.stop)[0], finish, details
 
     def derived_seed(self, salt: int) -> int | None:
         """A seed for one engine call of this answer (None when unseeded)."""

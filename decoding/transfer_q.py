@@ -72,7 +72,7 @@ class TransferQ(GuidedDecoding):
         params: the method's parameters.
         prompt_ids: the prompt as token ids (the state starts here).
         prompt_text: the prompt as the reward model sees it.
-        max_tokens: the answer's budget.
+        max_tokens: the answer's budget; stop: stop strings.
         seed: seeds sampled choices, blocks and rollouts.
     """
 
@@ -89,11 +89,12 @@ class TransferQ(GuidedDecoding):
         prompt_text: str,
         max_tokens: int,
         baseline_reward: Scorer | None = None,
+        stop: tuple[str, ...] = (),
         seed: int | None = None,
     ) -> None:
         super().__init__(
             base, prompt_ids=prompt_ids, max_tokens=max_tokens, top_k=params.top_k, block_tokens=params.block_tokens,
-            alpha=params.alpha, temperature=params.temperature, seed=seed, name="transfer_q",
+            alpha=params.alpha, temperature=params.temperature, stop=stop, seed=seed, name="transfer_q",
         )  # fmt: skip
         self.baseline = baseline
         self.reward, self.baseline_reward = reward, baseline_reward
@@ -159,5 +160,5 @@ class TransferQStrategy(GuidedStrategy):
     def decoding(self, job: GenerationJob, seed: int | None) -> TransferQ:
         return TransferQ(
             job.engine, self.guide, self.reward, self.params, prompt_ids=job.prompt_ids, prompt_text=job.prompt_text,
-            max_tokens=job.sampling.max_tokens, baseline_reward=self.baseline_reward, seed=seed,
+            max_tokens=job.sampling.max_tokens, baseline_reward=self.baseline_reward, stop=job.sampling.stop, seed=seed,
         )  # fmt: skip

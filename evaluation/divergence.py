@@ -70,8 +70,8 @@ def divergence(outcomes: Sequence[Outcome], base: Sequence[Outcome] | None, *, i
             n = int(records[0]["n"])
             value = _mean([best_of_n_kl(r["candidates"], int(r["n"])) for r in records])
             return Divergence(BEST_OF_N, value, best_of_n_bound(n))
-    if methods == {"transfer_q"}:
-        return Divergence(LOG_RATIO, _mean([o.details["transfer_q"]["log_ratio"] for o in answered if o.details]))
+    if len(methods) == 1 and (method := next(iter(methods))) in ("transfer_q", "genarm"):  # token-guided decoding
+        return Divergence(LOG_RATIO, _mean([o.details[method]["log_ratio"] for o in answered if o.details]))
     return Divergence(PROXY, excess_nll(answered, base or []))
 
 

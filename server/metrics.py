@@ -90,11 +90,15 @@ class Metrics:
         self.decision_steps = Counter(
             "alignd_transfer_q_decision_steps", "Transfer-Q*: decision steps taken.", ["model"], registry=self.registry
         )
+        self.genarm_decision_steps = Counter(
+            "alignd_genarm_decision_steps", "GenARM: decision steps taken.", ["model"], registry=self.registry
+        )
 
         # What the methods' details report, by (method, field): each answer's value is observed or counted.
         self.detail_metrics: dict[tuple[str, str], Histogram | Counter] = {
             ("nudging", "nudged_token_fraction"): self.nudged_fraction,
             ("transfer_q", "decision_steps"): self.decision_steps,
+            ("genarm", "decision_steps"): self.genarm_decision_steps,
         }
 
     def count_tokens(self, model: str, *, prompt: int, completion: int) -> None:

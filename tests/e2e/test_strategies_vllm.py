@@ -1,4 +1,5 @@
-"""Nudging and Transfer-Q* on vLLM CPU workers: cross-tokenizer nudging, batched rollouts, replica affinity."""
+"""Nudging, Transfer-Q* and GenARM on vLLM CPU workers: cross-tokenizer nudging, batched rollouts, replica affinity,
+the ARM's prompt logprobs."""
 
 from __future__ import annotations
 
@@ -62,3 +63,18 @@ def test_transfer_q_with_batched_rollouts(vllm_gateway: LocalGateway, client: op
     assert len(step["candidates"]) == 4
     scores = [c["logprob"] + c["q"] for c in step["candidates"]]
     assert step["chosen"] == scores.index(max(scores))
+
+
+def test_genarm_scores_the_base_top_k_with_the_arms_prompt_logprobs(client: openai.OpenAI):
+    genarm = {"reward_model": "tiny-chat-shared", "top_k": 4, "beta": 0.5, "temperature": 0}
+    completion = client.completions.create(
+        model="tiny-base", prompt="def sort(items):", max_tokens=3,
+        extra_body={"alignment": {"genarm": genarm, "return_details": True}},
+    )  # fmt: skip
+    record = details(completion.choices[0])["genarm"]
+    assert record["decision_steps"] >= 1
+    assert completion.choices[0].text == "".join(s["candidates"][s["chosen"]]["text"] for s in record["steps"])
+    for step in record["steps"]:
+        assert len(step["candidates"]) == 4 and all(c["q"] <= 0 for c in step["candidates"])
+        scores = [c["logprob"] + c["q"] / genarm["beta"] for c in step["candidates"]]
+        assert step["chosen"] == scores.index(max(scores))

@@ -1,4 +1,4 @@
-"""Nudging and Transfer-Q* through the HTTP API with the `openai` client, on the in-process engine."""
+"""Nudging, Transfer-Q* and GenARM through the HTTP API with the `openai` client, on the in-process engine."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from evaluation.gateway import LocalGateway
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I sort a list?"}]
 TRANSFER_Q = {"baseline": "tiny-chat-shared", "reward": "rm", "top_k": 3, "rollout_tokens": 4}
+GENARM = {"reward_model": "tiny-chat-shared", "top_k": 4, "beta": 0.5}
 
 
 def details(choice: Any) -> dict[str, Any]:
@@ -76,9 +77,44 @@ def test_transfer_q_args_and_blockwise_on_chat(client: openai.OpenAI):
         assert details(chat.choices[0])["transfer_q"]["decision_steps"] >= 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_genarm_follows_base_plus_arm_over_the_base_top_k(client: openai.OpenAI, stream: bool):
+    response = client.completions.create(
+        model="tiny-base", prompt="def sort(items):", max_tokens=5, stream=stream,
+        extra_body={"alignment": {"genarm": {**GENARM, "temperature": 0}, "return_details": True}},
+    )  # fmt: skip
+    if stream:
+        chunks = [chunk for chunk in response if chunk.choices]
+        text, record = "".join(c.choices[0].text for c in chunks), details(chunks[-1].choices[0])["genarm"]
+    else:
+        text, record = response.choices[0].text, details(response.choices[0])["genarm"]
+    assert record["decision_steps"] == len(record["steps"]) >= 1
+    assert text == "".join(step["candidates"][step["chosen"]]["text"] for step in record["steps"])
+    for step in record["steps"]:
+        assert len(step["candidates"]) == GENARM["top_k"]
+        scores = [c["logprob"] + c["q"] / GENARM["beta"] for c in step["candidates"]]
+        assert step["chosen"] == scores.index(max(scores))
+        assert all(c["q"] <= 0 for c in step["candidates"])  # log-probabilities of the ARM
+
+
+def test_genarm_samples_with_a_seed_reproducibly(client: openai.OpenAI):
+    def once() -> str:
+        return client.completions.create(
+            model="tiny-base", prompt="def sort(items):", max_tokens=6, seed=11,
+            extra_body={"alignment": {"genarm": GENARM}},
+        ).choices[0].text  # fmt: skip
+
+    assert once() == once()
+
+
 @pytest.mark.parametrize(
     ("alignment", "param"),
     [
+        ({"genarm": {**GENARM, "reward_model": "tiny-chat"}}, "alignment.genarm.reward_model"),  # another tokenizer
+        ({"genarm": {**GENARM, "reward_model": "rm"}}, "alignment.genarm.reward_model"),  # a scorer, not a model
+        ({"genarm": {**GENARM, "top_k": 6}}, "alignment.genarm.top_k"),
+        ({"genarm": {**GENARM, "beta": 0}}, "alignment.genarm.beta"),
+        ({"genarm": GENARM, "transfer_q": TRANSFER_Q}, "alignment.transfer_q"),
         ({"nudging": {"nudger": "nope"}}, "alignment.nudging.nudger"),
         ({"nudging": {"nudger": "tiny-base"}}, "alignment.nudging.nudger"),  # no chat template: not a nudger
         ({"nudging": {"nudger": "tiny-chat", "max_rounds": 10_000}}, "alignment.nudging.max_rounds"),
@@ -107,13 +143,14 @@ def test_strategy_metrics(server: LocalGateway, client: openai.OpenAI):
     steps = sample("alignd_transfer_q_decision_steps_total", model="tiny-base")
     calls = sample("alignd_engine_calls_per_request_count", model="tiny-base")
     used = sample("alignd_alignment_requests_total", method="transfer_q")
+    genarm_steps = sample("alignd_genarm_decision_steps_total", model="tiny-base")
     client.completions.create(
         model="tiny-base", prompt="x", max_tokens=6, extra_body={"alignment": {"nudging": {"nudger": "tiny-chat"}}}
     )
-    client.completions.create(
-        model="tiny-base", prompt="x", max_tokens=3, extra_body={"alignment": {"transfer_q": TRANSFER_Q}}
-    )
+    for method in ({"transfer_q": TRANSFER_Q}, {"genarm": GENARM}):
+        client.completions.create(model="tiny-base", prompt="x", max_tokens=3, extra_body={"alignment": method})
     assert sample("alignd_nudged_token_fraction_count", model="tiny-base") == nudged + 1
+    assert sample("alignd_genarm_decision_steps_total", model="tiny-base") >= genarm_steps + 1
     assert sample("alignd_transfer_q_decision_steps_total", model="tiny-base") >= steps + 1
-    assert sample("alignd_engine_calls_per_request_count", model="tiny-base") == calls + 2
+    assert sample("alignd_engine_calls_per_request_count", model="tiny-base") == calls + 3
     assert sample("alignd_alignment_requests_total", method="transfer_q") == used + 1

@@ -40,11 +40,12 @@ def engines() -> tuple[WordEngine, WordEngine]:
 
 
 async def decode(
-    *, max_tokens: int = 3, seed: int | None = 0, **overrides: object
+    *, max_tokens: int = 3, seed: int | None = 0, stop: tuple[str, ...] = (), **overrides: object
 ) -> tuple[list[int], str, str, GenArmDetails, WordEngine, WordEngine]:
     base, arm = engines()
     params = GenArmParams.model_validate({"reward_model": "arm", "top_k": 3, **overrides})
-    run = GenArm(base, arm, params, prompt_ids=base.tokenizer.encode(PROMPT), max_tokens=max_tokens, seed=seed)
+    prompt_ids = base.tokenizer.encode(PROMPT)
+    run = GenArm(base, arm, params, prompt_ids=prompt_ids, max_tokens=max_tokens, stop=stop, seed=seed)
     ids, text, finish, details = await run.run()
     assert isinstance(details, GenArmDetails)
     return ids, text, finish, details, base, arm
@@ -112,6 +113,12 @@ async def test_greedy_takes_the_argmax_of_the_product_each_step():
         last = max(step, key=step.__getitem__)
         words.append(last)
     assert text.split() == [w for w in words if w != EOS] and finish == ("stop" if last == EOS else "length")
+
+
+async def test_a_stop_string_ends_the_answer_before_it():
+    # The base's greedy answer is " a a a ...": the stop string is complete after two tokens.
+    ids, text, finish, details, *_ = await decode(max_tokens=6, temperature=0, beta=1000.0, stop=("a a", "x"))
+    assert (text, finish, len(ids), details.decision_steps) == (" ", "stop", 2, 2)
 
 
 async def test_one_base_call_and_one_arm_call_of_k_prompts_per_token():

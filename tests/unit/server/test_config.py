@@ -29,7 +29,7 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
 def test_embedded_default_serves_the_toy_world():
     settings = Settings.load()
     assert settings.toy_world and not settings.tiny_models
-    assert [model.name for model in settings.models] == ["toy-base", "toy-nudger", "toy-baseline"]
+    assert [model.name for model in settings.models] == ["toy-base", "toy-nudger", "toy-baseline", "toy-arm"]
     assert all(model.path.parent == settings.model_root for model in settings.models)
     assert {scorer.name for scorer in settings.scorers} == {"toy-rm", "is-json"}
     assert settings.guidelines.libraries[0].path == settings.model_root / "guidelines.jsonl"
@@ -38,6 +38,7 @@ def test_embedded_default_serves_the_toy_world():
         "toy-nudged",
         "toy-best-of-8",
         "toy-transfer-q",
+        "toy-genarm",
         "toy-guided",
         "toy-chat-best-of-8",
         "toy-honest",
