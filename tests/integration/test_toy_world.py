@@ -46,6 +46,7 @@ from toyworld.world import true_reward
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 TRANSFER_Q = {"baseline": "toy-baseline", "reward": "toy-rm", "top_k": 4, "rollout_tokens": 8}
+GENARM = {"reward_model": "toy-arm", "top_k": 4, "beta": 2.0}
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +128,41 @@ def test_transfer_q_raises_the_reward_over_the_base(
                                                                    ("indirect", indirect))})  # fmt: skip
     assert paired_difference(measured["direct"], measured["base"]).low > 0
     assert paired_difference(measured["indirect"], measured["base"]).low > 0
+
+
+def test_genarm_raises_the_reward_and_the_pass_rate_over_the_base_and_is_compared_with_args_and_transfer_q(
+    toy_gateway: LocalGateway, tasks: list[dict[str, Any]], toy_world: Path
+):
+    # Matched per-step compute: the base's top 4 tokens, valued by the ARM (GenARM), by toy-rm on the partial
+    # text (ARGS), by toy-rm after 8-token baseline rollouts (Transfer-Q*).
+    items = of(tasks, *KNOWLEDGE)[::2]
+    guided = {"max_tokens": 24, "stop": STOP["stop"], "seed": 0}
+    configurations = {
+        "base": Configuration("base", "toy-base", "completions", sampling={"temperature": 1.0, **STOP}),
+        "genarm": Configuration("genarm", "toy-base", alignment={"genarm": GENARM}, sampling=guided),
+        "args": Configuration("args", "toy-base", alignment={"transfer_q": {**TRANSFER_Q, "rollout_tokens": 0}},
+                              sampling=guided),
+        "transfer-q": Configuration("transfer-q", "toy-base", alignment={"transfer_q": TRANSFER_Q}, sampling=guided),
+    }  # fmt: skip
+    outcomes, seconds = {}, {}
+    for name, configuration in configurations.items():
+        started = time.perf_counter()
+        outcomes[name] = run(toy_gateway, items, configuration)
+        seconds[name] = round(time.perf_counter() - started, 1)
+    scorer = HFRewardScorer("toy-rm", toy_world / "reward")
+    rewards = {name: asyncio.run(scorer.score([(o.task["prompt"], o.text) for o in found]))
+               for name, found in outcomes.items()}  # fmt: skip
+
+    def divergence(name: str) -> float:
+        method = "genarm" if name == "genarm" else "transfer_q"
+        return round(float(np.mean([o.details[method]["log_ratio"] for o in outcomes[name]])), 2)  # type: ignore[index]
+
+    report("GenARM vs ARGS vs Transfer-Q* (top_k 4)", tasks=len(items),
+           reward={name: str(bootstrap(v)) for name, v in rewards.items()},
+           score={name: str(bootstrap(passed(o))) for name, o in outcomes.items()},
+           log_ratio={name: divergence(name) for name in ("genarm", "args", "transfer-q")}, wall_s=seconds)  # fmt: skip
+    assert paired_difference(rewards["genarm"], rewards["base"]).low > 0.5
+    assert paired_difference(passed(outcomes["genarm"]), passed(outcomes["base"])).low > 0.2
 
 
 YES_NO = 'root ::= ("Yes" | "No") "."'

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from evaluation.matrix import MatrixError, parse_matrix
+from decoding.alignment import parse_alignment
+from evaluation.matrix import MatrixError, load_matrix, parse_matrix
+from server.config import Settings
 
 BASELINES: dict[str, Any] = {
     "reward": {"scorers": ["rm"], "model": "base"},
@@ -61,3 +65,14 @@ def test_a_category_pattern_selects_tasks():
 def test_a_matrix_that_cannot_run_is_refused_naming_why(change: dict[str, Any], message: str):
     with pytest.raises(MatrixError, match=message.replace("[", r"\[")):
         parse_matrix({**BASELINES, **change})
+
+
+def test_the_toy_suite_expands_into_configurations_the_server_accepts():
+    matrix = load_matrix(Path(str(resources.files("evaluation").joinpath("suites/toy.yaml"))))
+    settings = Settings.load()
+    served = {m.name for m in settings.models} | {p.name for p in settings.profiles}
+    configurations = matrix.expand()
+    assert len(configurations) > len(matrix.configurations) and matrix.models() <= served
+    for configuration in configurations:
+        alignment = parse_alignment(configuration.alignment)  # every method's parameters validate
+        assert set(alignment.methods) == set(configuration.alignment or {}), configuration.name
