@@ -56,6 +56,8 @@ class AlignedRequest:
     alignment: Alignment
     requested_max_tokens: int | None = None
     budget_param: str = "max_tokens"
+    fallback: AlignedRequest | None = None
+    """The request as ``abstain``'s fallback profile runs it, where it names one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,8 @@ class Prepared:
     """Candidates the strategy draws: the selection stage's, else ``n``."""
     extra_samples: int = 0
     """Samples of the base besides the strategy's: calibration references, a gate's greedy answer."""
+    fallback: Prepared | None = None
+    """What answers when a gate abstains, prepared (and so checked) with the request; it shares its meter."""
 
     @property
     def meter(self) -> UsageMeter:
@@ -125,10 +129,14 @@ class Pipeline:
         self.limits = limits
         self.services = services
 
-    async def prepare(self, request: AlignedRequest) -> Prepared:
-        """Every check that can refuse the request runs here, before any generation (and before a stream's 200)."""
+    async def prepare(self, request: AlignedRequest, meter: UsageMeter | None = None) -> Prepared:
+        """Every check that can refuse the request runs here, before any generation (and before a stream's 200).
+        ``meter``: the usage meter to count into (a fallback counts into its request's)."""
         alignment = request.alignment
-        resources = MeteredResources(self.resources, UsageMeter(models={request.engine.info.name}))
+        meter = UsageMeter() if meter is None else meter
+        meter.models.add(request.engine.info.name)
+        resources = MeteredResources(self.resources, meter)
+        fallback = await self.prepare(request.fallback, meter) if request.fallback is not None else None
         samples, extra_samples = request.sampling.n, 0
         for _, params, spec in alignment.at("selection"):
             assert spec.selection is not None
@@ -155,15 +163,29 @@ class Pipeline:
             spec.gate.check(params, job)
         extra_samples += 1 if gates else 0
         self._check_own_draws(alignment, samples, constraints)
-        prepared = Prepared(request, job, strategy, constraints, resources, prompt_details, samples, extra_samples)
+        prepared = Prepared(request, job, strategy, constraints, resources, prompt_details, samples, extra_samples,
+                            fallback)  # fmt: skip
         self._check_work(prepared)
         return prepared
 
     async def run(self, prepared: Prepared) -> PipelineResult:
-        return await self._run(prepared, await self._judge(prepared))
+        verdict = await self._judge(prepared)
+        if verdict.abstention is not None and prepared.fallback is not None:
+            result = await self.run(prepared.fallback)
+            for candidate in result.choices:
+                candidate.details = {**verdict.details, **candidate.details}
+            return result
+        return await self._run(prepared, verdict)
 
     async def stream(self, prepared: Prepared) -> AsyncGenerator[StreamEvent, None]:
         verdict = await self._judge(prepared)
+        if verdict.abstention is not None and prepared.fallback is not None:
+            async with aclosing(self.stream(prepared.fallback)) as events:
+                async for event in events:
+                    if isinstance(event, ChoiceFinished):
+                        event.candidate.details = {**verdict.details, **event.candidate.details}
+                    yield event
+            return
         if prepared.plain_stream and verdict.abstention is None and verdict.greedy is None:
             assert isinstance(prepared.strategy, PlainStrategy)
             # Text streams as it is made; the choices end together, once every sample has: their details

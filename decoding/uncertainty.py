@@ -11,8 +11,9 @@ before processors), and records:
 
 ``uncertainty`` only reports them. ``abstain`` answers with its ``answer`` instead of generating
 when the chosen measure passes ``threshold`` (every measure grows with uncertainty: ``min_top1`` is
-``-log min_top1_probability``); otherwise the request runs as asked. A greedy, plain request of one
-choice reuses the measured answer: it costs no second call.
+``-log min_top1_probability``), or, with a ``fallback``, lets that profile (or model) answer instead;
+otherwise the request runs as asked. A greedy, plain request of one choice reuses the measured answer:
+it costs no second call.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class AbstainParams(MethodParams):
         description="G-NLL, G-NLL per token, or -log of the lowest top-1 probability of the greedy answer.",
     )
     answer: str = Field(default=DEFAULT_ABSTENTION, min_length=1, max_length=2000, description="The abstention.")
+    fallback: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A profile or model that answers instead of the abstention (the request's prompt and "
+        "sampling, the profile's alignment); it may not fall back itself.",
+    )
 
 
 class UncertaintyDetails(BaseModel):
@@ -59,6 +66,7 @@ class AbstainDetails(BaseModel):
     value: float
     threshold: float
     abstained: bool
+    fallback: str | None = Field(default=None, description="The profile that answered instead, if one did.")
     uncertainty: UncertaintyDetails
 
 
@@ -115,6 +123,6 @@ class AbstainGate:
     def verdict(self, params: AbstainParams, uncertainty: UncertaintyDetails) -> tuple[str | None, BaseModel]:
         value = measured(uncertainty, params.measure)
         abstained = value > params.threshold
-        details = AbstainDetails(measure=params.measure, value=value, threshold=params.threshold,
-                                 abstained=abstained, uncertainty=uncertainty)  # fmt: skip
+        details = AbstainDetails(measure=params.measure, value=value, threshold=params.threshold, abstained=abstained,
+                                 fallback=params.fallback if abstained else None, uncertainty=uncertainty)  # fmt: skip
         return (params.answer if abstained else None), details

@@ -245,13 +245,20 @@ class Settings(BaseSettings):
                 "would launch its own managed workers"
             )
         models = {model.name for model in self.models}
+        fallbacks = {}
         for profile in self.profiles:
             if profile.model not in models:
                 raise ValueError(f"profile `{profile.name}` runs on `{profile.model}`, which is not a served model")
             try:
-                parse_alignment(profile.alignment)
+                abstain = parse_alignment(profile.alignment).methods.get("abstain")
             except InvalidRequestError as exc:
                 raise ValueError(f"profile `{profile.name}`: {exc.message}") from exc
+            fallbacks[profile.name] = getattr(abstain, "fallback", None)
+        for name, fallback in fallbacks.items():
+            if fallback is not None and fallback not in models and fallback not in fallbacks:
+                raise ValueError(f"profile `{name}` falls back to `{fallback}`, which is not a served model or profile")
+            if fallbacks.get(fallback or "") is not None:
+                raise ValueError(f"profile `{name}` falls back to `{fallback}`, which falls back itself")
         return self
 
     @classmethod

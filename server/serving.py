@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
+from dataclasses import replace
 
 import orjson
 from fastapi import Request
@@ -16,8 +17,9 @@ from decoding.alignment import parse_alignment
 from decoding.base import Candidate, Limits
 from decoding.events import ChoiceFinished, StreamEvent
 from decoding.pipeline import AlignedRequest, Pipeline, Prepared
+from decoding.uncertainty import AbstainParams
 from models.engine import Engine
-from models.errors import InvalidRequestError, WorkBudgetExceededError
+from models.errors import InvalidRequestError, ModelNotFoundError, WorkBudgetExceededError
 from server.admission import AdmissionTicket
 from server.engines import ModelRegistry
 from server.errors import as_aligned_error, error_payload
@@ -88,14 +90,16 @@ class OpenAIServing:
         sampling = request.sampling_params()
         self._check_n(sampling.n)
         self._check_logprobs(engine, sampling.logprobs, param=request.logprobs_param)
+        alignment = parse_alignment(request.alignment_object(), profile.alignment if profile else None)
         aligned = AlignedRequest(
             engine=engine,
             prompt=request.prompt_input(),
             sampling=sampling,
-            alignment=parse_alignment(request.alignment_object(), profile.alignment if profile else None),
+            alignment=alignment,
             requested_max_tokens=request.requested_max_tokens,
             budget_param=request.budget_param,
         )
+        aligned.fallback = self._fallback(aligned, request.logprobs_param)
         await ticket.admit(engine.info.name)
         try:
             prepared = await self.pipeline.prepare(aligned)
@@ -104,6 +108,26 @@ class OpenAIServing:
             raise
         self.metrics.request_work.labels(model=engine.info.name).observe(prepared.work)
         return prepared
+
+    def _fallback(self, aligned: AlignedRequest, logprobs_param: str) -> AlignedRequest | None:
+        """The request as ``abstain.fallback`` names it: that profile's model and alignment, the request's prompt
+        and sampling. It runs under the request's admission slot, as a nudger does."""
+        abstain = aligned.alignment.methods.get("abstain")
+        if not isinstance(abstain, AbstainParams) or abstain.fallback is None:
+            return None
+        name = abstain.fallback
+        param = "alignment.abstain.fallback"
+        try:
+            engine, profile = self.registry.resolve(name)
+        except ModelNotFoundError as exc:
+            raise InvalidRequestError(f"`{name}` is not a served model or profile.", param=param) from exc
+        alignment = parse_alignment(None, profile.alignment if profile else None)
+        own = alignment.methods.get("abstain")
+        if isinstance(own, AbstainParams) and own.fallback is not None:
+            raise InvalidRequestError(f"The fallback `{name}` falls back itself; a fallback may not.", param=param)
+        self._check_logprobs(engine, aligned.sampling.logprobs, param=logprobs_param)
+        details = aligned.alignment.return_details
+        return replace(aligned, engine=engine, alignment=replace(alignment, return_details=details))
 
     def _check_n(self, n: int) -> None:
         if n > self.limits.max_n:

@@ -1,5 +1,5 @@
 """Spot checks of the toy world's effects on vLLM CPU workers, served by the shipped
-``deploy/toy-world-vllm.yaml``: nudging, best-of-N (its profile), guidelines and abstention (its profile)."""
+``deploy/toy-world-vllm.yaml``: nudging, best-of-N, abstention and GenARM (their profiles), guidelines."""
 
 from __future__ import annotations
 
@@ -88,3 +88,12 @@ def test_abstention_profile_on_vllm_workers(gateway: LocalGateway, tasks: list[d
            recall=round(recall, 3), answered_score_plain=bootstrap(passed(plain)),
            answered_score_abstain=bootstrap(answered))  # fmt: skip
     assert precision >= 0.75 and recall >= 0.6
+
+
+def test_genarm_profile_on_vllm_workers(gateway: LocalGateway, tasks: list[dict[str, Any]]):
+    items = of(tasks, *KNOWLEDGE)[::4]
+    sampled = {"temperature": 1.0, **STOP}
+    plain = run(gateway, items, Configuration("plain", "toy-base", "completions", sampling=sampled))
+    guided = run(gateway, items, Configuration("genarm", "toy-genarm", sampling={**STOP, "max_tokens": 24}))
+    report("GenARM on vLLM", tasks=len(items), plain=bootstrap(passed(plain)), genarm=bootstrap(passed(guided)))
+    assert paired_difference(passed(guided), passed(plain)).low > 0.2

@@ -28,6 +28,10 @@ profiles:
     alignment:
       guidelines: {{top_k: 2, threshold: 0.0}}
       best_of_n: {{n: 4, reward: rm}}
+  - name: tiny-chat-unsure   # a random model is never sure: it always falls back
+    model: tiny-chat
+    alignment:
+      abstain: {{threshold: 0.0, fallback: tiny-chat-safe}}
 limits:
   max_n: 8
   max_logprobs: 5

@@ -193,6 +193,33 @@ def test_abstain_and_uncertainty_through_the_api(client: openai.OpenAI, stream: 
     assert kept["uncertainty"]["nll"] > 0 and 0 < kept["uncertainty"]["min_top1_probability"] < 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_abstain_falls_back_to_a_profile(client: openai.OpenAI, stream: bool):
+    response = client.chat.completions.create(
+        model="tiny-chat-unsure", messages=MESSAGES, max_tokens=5, temperature=1.0, seed=3, stream=stream,
+        stream_options={"include_usage": True} if stream else None, extra_body={"alignment": {"return_details": True}},
+    )  # fmt: skip
+    if stream:
+        chunks = list(response)
+        record, usage = details([c for c in chunks if c.choices][-1].choices[0]), chunks[-1].usage
+    else:
+        record, usage = details(response.choices[0]), response.usage
+    assert record["abstain"]["abstained"] is True and record["abstain"]["fallback"] == "tiny-chat-safe"
+    assert len(record["best_of_n"]["candidates"]) == 4 and "guidelines" in record  # the fallback's methods
+    assert usage is not None and usage.model_extra["alignment"]["engine_calls"] >= 2  # the measurement, then it
+
+
+@pytest.mark.parametrize(
+    ("fallback", "reason"), [("no-such-profile", "not a served model"), ("tiny-chat-unsure", "falls back itself")]
+)
+def test_a_fallback_that_cannot_answer_is_a_400(server: LocalGateway, fallback: str, reason: str):
+    alignment = {"abstain": {"threshold": 0, "fallback": fallback}}
+    body = {"model": "tiny-chat", "messages": MESSAGES, "alignment": alignment}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "alignment.abstain.fallback"
+    assert reason in response.json()["error"]["message"]
+
+
 def test_early_rejection_is_best_of_n_at_rate_0_and_cheaper_above(client: openai.OpenAI):
     def run(alignment: dict[str, Any]) -> Any:
         return client.completions.create(

@@ -113,3 +113,35 @@ async def test_a_sampled_stream_streams_after_the_measurement_and_ends_with_the_
     assert [type(event) for event in events[:-1]] == [TextDelta] * (len(events) - 1)
     assert finished[0].candidate.details["uncertainty"].nll == pytest.approx(UNSURE_NLL)
     assert [params.temperature for _, params in model.generate_calls] == [0.0, 1.0]
+
+
+async def fallback_run(prompt: str, *, stream: bool) -> tuple[list[str], dict, WordEngine, WordEngine, object]:
+    """The request on ``engine()``, abstaining to a fallback request on another model that knows better."""
+    model, expert = engine(), WordEngine({"unsure": {"Metz": 1.0}}, name="expert")
+    alignment = {"abstain": {**ABSTAIN["abstain"], "fallback": "expert-profile"}, "return_details": True}
+    request = AlignedRequest(engine=model, prompt=PromptInput(text=prompt), sampling=SamplingParams(temperature=0),
+                             alignment=parse_alignment(alignment), requested_max_tokens=4)  # fmt: skip
+    request.fallback = replace(request, engine=expert, alignment=parse_alignment({"return_details": True}))
+    pipeline = pipe()
+    prepared = await pipeline.prepare(request)
+    if not stream:
+        result = await pipeline.run(prepared)
+        return [c.text for c in result.choices], result.choices[0].details, model, expert, prepared.meter
+    texts, details = [""], {}
+    async for event in pipeline.stream(prepared):
+        if isinstance(event, TextDelta):
+            texts[0] += event.text
+        elif isinstance(event, ChoiceFinished):
+            details = event.candidate.details
+    return texts, details, model, expert, prepared.meter
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_abstain_lets_its_fallback_answer_where_the_base_is_unsure_and_only_there(stream: bool):
+    texts, details, model, expert, meter = await fallback_run("the unsure", stream=stream)
+    assert texts == [" Metz"] and details["abstain"].abstained and details["abstain"].fallback == "expert-profile"
+    assert len(model.generate_calls) == 1 and len(expert.generate_calls) == 1  # the measurement, the fallback
+    assert set(meter.by_model) == {"words", "expert"}  # type: ignore[attr-defined]
+    texts, details, model, expert, _ = await fallback_run("the sure", stream=stream)
+    assert texts == [" Paris"] and not details["abstain"].abstained and details["abstain"].fallback is None
+    assert not expert.generate_calls

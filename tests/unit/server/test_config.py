@@ -62,11 +62,22 @@ def test_the_tiny_models_config_serves_the_tiny_models():
         "models:\n  - {name: a, path: /m}\nprofiles:\n  - {name: p, model: b}\n",
         "models:\n  - {name: a, path: /m}\nprofiles:\n  - {name: p, model: a, alignment: {best_of_n: {n: 0}}}\n",
         "models:\n  - {name: a, path: /m}\nprofiles:\n  - {name: a, model: a}\n",
+        "models:\n  - {name: a, path: /m}\nprofiles:\n  - {name: p, model: a, alignment: {abstain: {threshold: 1, "
+        "fallback: nope}}}\n",
+        "models:\n  - {name: a, path: /m}\nprofiles:\n  - {name: p, model: a, alignment: {abstain: {threshold: 1, "
+        "fallback: q}}}\n  - {name: q, model: a, alignment: {abstain: {threshold: 1, fallback: a}}}\n",
     ],
 )
 def test_invalid_files_are_rejected(tmp_path: Path, text: str):
     with pytest.raises(ValidationError):
         Settings.load(write(tmp_path, text))
+
+
+def test_a_profile_may_fall_back_to_a_model_or_a_profile(tmp_path: Path):
+    text = ("models:\n  - {name: a, path: /m}\nprofiles:\n  - {name: p, model: a, alignment: {abstain: {threshold: 1, "
+            "fallback: q}}}\n  - {name: q, model: a}\n  - {name: r, model: a, alignment: {abstain: {threshold: 1, "
+            "fallback: a}}}\n")  # fmt: skip
+    assert [profile.name for profile in Settings.load(write(tmp_path, text)).profiles] == ["p", "q", "r"]
 
 
 def test_several_processes_need_vllm_models_by_url(tmp_path: Path):
