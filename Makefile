@@ -45,7 +45,7 @@ test: lint
 loadtest: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.run_locust --stack $(STACK) --users $(USERS) --duration $(DURATION)
 
-# Every benchmark in one run: loadtest/results/bench.json and PNG plots (about 36 minutes on 2 CPU cores).
+# Every benchmark in one run: loadtest/results/bench.json and PNG plots (about 40 minutes on 2 CPU cores).
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.bench
 

@@ -5,12 +5,13 @@
    throughput, latency percentiles and failures by cause per level, and the throughput knee.
 2. The other benchmarks, one after another, each starting what it measures: gateway overhead vs direct vLLM
    (``gateway_overhead``), best-of-N / scoring / retrieval (``alignment_bench``), nudging and Transfer-Q*
-   (``strategies_bench``), GCD / ASAp decode time and trie memory (``grammar_bench``).
+   (``strategies_bench``), the newer methods against what they replace (``methods_bench``), GCD / ASAp decode
+   time and trie memory (``grammar_bench``).
 
 Writes ``loadtest/results/bench.json`` and ``loadtest/results/bench_*.png``. With real models on GPUs, point
 ``--host`` at your deployment (see the README's Performance section).
 
-    python -m loadtest.bench                          # everything (about 36 minutes on 2 CPU cores)
+    python -m loadtest.bench                          # everything (about 40 minutes on 2 CPU cores)
     python -m loadtest.bench --skip-benchmarks        # the sweep only
     python -m loadtest.bench --levels 1 4 16 --level-duration 10s
     python -m loadtest.bench --host http://gpu-gateway:8000 --skip-benchmarks -- --base-model base --chat-model chat
@@ -43,6 +44,7 @@ BENCHMARKS = {
     "gateway_overhead": "loadtest.gateway_overhead",
     "alignment": "loadtest.alignment_bench",
     "strategies": "loadtest.strategies_bench",
+    "methods": "loadtest.methods_bench",
     "grammar": "loadtest.grammar_bench",
 }
 HEADLINE = {
@@ -55,6 +57,11 @@ HEADLINE = {
         "nudging_prefix_caching_on.wall_ratio_nudging_over_base_only",
         "nudging_prefix_caching_on.engine_calls_per_100_tokens", "transfer_q.speedup_batched_over_sequential",
         "transfer_q.batched_rollouts.engine_calls_per_decision_step",
+    ),
+    "methods": (
+        "early_rejection.rate_75.latency_mean_s_ratio", "early_rejection.rate_75.completion_tokens_per_request_ratio",
+        "calibration.calibrated_best_of_8.latency_mean_s_ratio", "gate.sampled_uncertainty.latency_mean_s_ratio",
+        "token_guidance.transfer_q.latency_mean_s_ratio", "token_guidance.genarm.latency_mean_s_ratio",
     ),
     "grammar": (
         "json_schema.gcd_over_unconstrained", "json_schema.asap_over_unconstrained", "ebnf.gcd_over_unconstrained",

@@ -12,7 +12,7 @@ gateway (in-process engine) or ``--host``:
 Per variant: latency p50 and mean, completion tokens and engine calls per request, and their ratios to the
 group's first variant. Writes ``loadtest/results/methods.json``.
 
-    python -m loadtest.methods_bench                       # about 6 minutes on 2 CPU cores
+    python -m loadtest.methods_bench                       # about 3 minutes on 2 CPU cores
     python -m loadtest.methods_bench --tasks 8
 """
 
@@ -49,9 +49,9 @@ ABSTAIN = {"threshold": 0.12, "answer": "I do not know."}
 GROUPS: dict[str, list[Configuration]] = {
     "early_rejection": [
         Configuration("best_of_16", "toy-base", "completions", {"best_of_n": {"n": 16, "reward": "toy-rm"}}, SAMPLED),
-        Configuration("rate_0.5", "toy-base", "completions",
+        Configuration("rate_50", "toy-base", "completions",
                       {"early_rejection": {**REJECTING, "rejection_rate": 0.5}}, SAMPLED),
-        Configuration("rate_0.75", "toy-base", "completions",
+        Configuration("rate_75", "toy-base", "completions",
                       {"early_rejection": {**REJECTING, "rejection_rate": 0.75}}, SAMPLED),
     ],
     "calibration": [

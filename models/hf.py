@@ -281,11 +281,14 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
 
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then gives 0 and -inf, never inf.
+    probs = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temperature, dim=-1)
     if top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Drop a token when the mass before it already reaches top_p; the top token always stays.
+        # Drop a token when the mass before it already reaches top_p; the top token always stays (a top_p
+        # below the rounding error of the sum would otherwise drop it too).
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        outside[..., 0] = False
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

@@ -29,6 +29,9 @@ from decoding.grammar import response_format_grammar
 from models.engine import SamplingParams
 from models.errors import UNSUPPORTED
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+"""Temperatures below this are greedy (vLLM's sampling epsilon): logits divided by them overflow."""
+
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -93,9 +96,10 @@ class _GenerationRequest(OpenAIModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def _sampling(self, *, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
-        """Sampling as requested; the pipeline sets ``max_tokens`` once it knows the prompt's length."""
+        """Sampling as requested; the pipeline sets ``max_tokens`` once it knows the prompt's length. A
+        temperature too small to divide logits by is greedy, as vLLM takes it."""
         return SamplingParams(
-            temperature=self.temperature,
+            temperature=self.temperature if self.temperature >= GREEDY_BELOW_TEMPERATURE else 0.0,
             top_p=self.top_p,
             n=self.n,
             stop=self.stop_strings,

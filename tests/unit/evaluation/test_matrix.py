@@ -10,6 +10,7 @@ import pytest
 
 from decoding.alignment import parse_alignment
 from evaluation.matrix import MatrixError, load_matrix, parse_matrix
+from loadtest.methods_bench import GROUPS
 from server.config import Settings
 
 BASELINES: dict[str, Any] = {
@@ -76,3 +77,11 @@ def test_the_toy_suite_expands_into_configurations_the_server_accepts():
     for configuration in configurations:
         alignment = parse_alignment(configuration.alignment)  # every method's parameters validate
         assert set(alignment.methods) == set(configuration.alignment or {}), configuration.name
+
+
+def test_the_methods_benchmark_asks_for_what_the_embedded_default_serves():
+    served = {m.name for m in Settings.load().models} | {p.name for p in Settings.load().profiles}
+    for variants in GROUPS.values():
+        for configuration in variants:
+            assert configuration.model in served
+            assert set(parse_alignment(configuration.alignment).methods) == set(configuration.alignment or {})

@@ -75,10 +75,11 @@ async def test_greedy_is_the_argmax_of_a_forward_pass(engine: HFEngine, referenc
         ids.append(token)
 
 
-async def test_tiny_top_p_is_greedy(engine: HFEngine):
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1e-6), (1.0, 5e-324), (1.401298464324817e-45, 1.0)])
+async def test_a_tiny_top_p_or_temperature_is_greedy(engine: HFEngine, temperature: float, top_p: float):
     greedy = await engine.generate(PROMPT, SamplingParams(max_tokens=8, temperature=0))
-    nucleus = await engine.generate(PROMPT, SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-6, seed=1))
-    assert nucleus.samples[0].token_ids == greedy.samples[0].token_ids
+    extreme = SamplingParams(max_tokens=8, temperature=temperature, top_p=top_p, seed=1)
+    assert (await engine.generate(PROMPT, extreme)).samples[0].token_ids == greedy.samples[0].token_ids
 
 
 async def test_stop_string_truncates_and_reports_stop(engine: HFEngine):
