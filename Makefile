@@ -36,7 +36,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# The toy world's effect tests need it; built here, with a progress bar, unless cached (about 6 minutes).
+# The toy world's effect tests need it; built here, with a progress bar, unless cached (about 7 minutes).
 test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/alignd make-toy-world $(TOY_WORLD)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest --durations=10

@@ -21,7 +21,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from pydantic_core import PydanticCustomError
+
 UNSUPPORTED = "unsupported_parameter"
+CROSS_FIELD = "cross_field"
+
+
+def cross_field_error(param: str, message: str) -> PydanticCustomError:
+    """A model validator's error naming the field at fault (pydantic gives a model's own errors no location)."""
+    return PydanticCustomError(CROSS_FIELD, message.replace("{", "{{").replace("}", "}}"), {"param": param})
 """The pydantic error type of an OpenAI parameter that alignd does not implement."""
 
 
@@ -121,6 +129,9 @@ def from_validation_errors(errors: Sequence[Mapping[str, Any]], *, prefix: str |
     names = [part for part in location if part.isidentifier() or part.isdigit()]
     param = ".".join([prefix, *names] if prefix else names) or None
     kind, message = first.get("type"), str(first.get("msg"))
+    if kind == CROSS_FIELD:  # the model's own error: its location, then the field it names
+        named = [*([prefix] if prefix else []), *names, str((first.get("ctx") or {})["param"])]
+        return InvalidRequestError(message, param=".".join(named))
     if kind == "json_invalid":
         return InvalidRequestError(f"The request body is not valid JSON: {message}")
     if kind == "missing" and param:

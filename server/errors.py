@@ -74,5 +74,6 @@ async def error_response(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    for exception_class in (AligndError, RequestValidationError, StarletteHTTPException, Exception):
+    """Errors that describe themselves; anything else is answered by ``RequestContextMiddleware``."""
+    for exception_class in (AligndError, RequestValidationError, StarletteHTTPException):
         app.add_exception_handler(exception_class, error_response)

@@ -6,9 +6,11 @@ import logging
 import time
 import uuid
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.replicas import request_affinity
+from server.errors import as_aligned_error, error_payload
 from server.logs import request_id
 from server.metrics import Metrics
 
@@ -39,17 +41,28 @@ class RequestContextMiddleware:
         route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
         started = time.perf_counter()
         status = 500
+        status_started = False
 
         async def send_with_context(message: Message) -> None:
-            nonlocal status
+            nonlocal status, status_started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, status_started = message["status"], True
                 message.setdefault("headers", []).append((REQUEST_ID_HEADER.encode(), rid.encode("latin-1")))
             await send(message)
 
         self.metrics.in_flight.labels(route=route).inc()
         try:
             await self.app(scope, receive, send_with_context)
+        except Exception as exc:
+            # What no handler caught is logged here, once, with its request id (Starlette's outermost layer
+            # would log it after the id is gone, and the server again); the client gets a 500 if it can.
+            if status_started:
+                logger.error("unexpected error after the response started", exc_info=exc)
+                return
+            error = as_aligned_error(exc)
+            state["error_type"] = error.error_type
+            response = JSONResponse(error_payload(error), status_code=error.status_code)
+            await response(scope, receive, send_with_context)
         finally:
             self.metrics.in_flight.labels(route=route).dec()
             self._record(route, state, status, time.perf_counter() - started, scope)

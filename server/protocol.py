@@ -27,7 +27,7 @@ from decoding.alignment import AlignmentPatch
 from decoding.base import PromptInput
 from decoding.grammar import response_format_grammar
 from models.engine import SamplingParams
-from models.errors import UNSUPPORTED
+from models.errors import UNSUPPORTED, cross_field_error
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
 """Temperatures below this are greedy (vLLM's sampling epsilon): logits divided by them overflow."""
@@ -41,8 +41,29 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+def _schema_as_enforced(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """The generation requests' JSON schema says what the server enforces: an unsupported parameter takes
+    only its "off" value, a prompt is not empty, ``top_logprobs`` needs ``logprobs``."""
+    properties = schema.get("properties", {})
+    for name, off in getattr(cls, "unsupported", {}).items():
+        if name in properties:
+            allowed = [{"type": "null"}] if off is None else [{"const": off}, {"type": "null"}]
+            properties[name] = {"anyOf": allowed, "description": "Not supported by alignd: only its off value."}
+    if "prompt" in properties:
+        properties["prompt"]["anyOf"] = [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        ]
+    if "top_logprobs" in properties:
+        schema["dependentSchemas"] = {
+            "top_logprobs": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}
+        }
+
+
 class _GenerationRequest(OpenAIModel):
     """Fields shared by both generation endpoints."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_schema_as_enforced)
 
     # OpenAI parameters alignd does not implement, with the value that means "off";
     # setting one to anything else (or to anything, where the value is None) is a 400.
@@ -390,6 +411,11 @@ class ModelList(BaseModel):
 class RewardInput(OpenAIModel):
     """One (prompt, response) pair: the prompt as text, or as chat messages that ``model`` renders."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}},
+    ]})  # fmt: skip
+
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     response: str
@@ -397,7 +423,7 @@ class RewardInput(OpenAIModel):
     @model_validator(mode="after")
     def _one_prompt(self) -> Self:
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of `prompt` and `messages`")
+            raise cross_field_error("messages", "Give exactly one of `prompt` and `messages`.")
         return self
 
     def prompt_input(self) -> PromptInput:
@@ -408,6 +434,11 @@ class RewardInput(OpenAIModel):
 
 class RewardRequest(OpenAIModel):
     """``POST /v1/rewards``: scores (prompt, response) pairs with the server's scorers, as the methods do."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": ["scorers"], "properties": {"scorers": {"minItems": 1}}},
+        {"required": ["loglikelihood"], "properties": {"loglikelihood": {"const": True}}},
+    ]})  # fmt: skip
 
     model: str | None = Field(
         default=None,
@@ -424,9 +455,9 @@ class RewardRequest(OpenAIModel):
     @model_validator(mode="after")
     def _something_to_compute(self) -> Self:
         if not self.scorers and not self.loglikelihood:
-            raise ValueError("name at least one scorer in `scorers`, or ask for `loglikelihood`")
+            raise cross_field_error("scorers", "Name at least one scorer in `scorers`, or ask for `loglikelihood`.")
         if self.model is None and (self.loglikelihood or any(item.messages is not None for item in self.input)):
-            raise ValueError("`model` is needed to render `messages` and for `loglikelihood`")
+            raise cross_field_error("model", "`model` is needed to render `messages` and for `loglikelihood`.")
         return self
 
 

@@ -41,6 +41,10 @@ class RewardsHandler:
             if request.loglikelihood:
                 likelihoods = await self._loglikelihoods(engine, request.input, prompts)
         pairs = [(prompt, item.response) for prompt, item in zip(prompts, request.input, strict=True)]
+        empty = next((index for index, (prompt, response) in enumerate(pairs) if not prompt and not response), None)
+        if empty is not None:
+            raise InvalidRequestError(f"`input.{empty}` is empty: no prompt and no response to score.",
+                                      param=f"input.{empty}")  # fmt: skip
         scores = await asyncio.gather(*(scorer.score(pairs) for scorer in scorers))
         return RewardList(
             model=request.model,

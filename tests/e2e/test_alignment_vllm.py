@@ -1,4 +1,5 @@
-"""The alignment pipeline on vLLM CPU workers: best-of-N with a pooling reward worker, guidelines, profiles."""
+"""The alignment pipeline on vLLM CPU workers: best-of-N with a pooling reward worker, calibration, early
+rejection, abstention, guidelines, profiles."""
 
 from __future__ import annotations
 
@@ -58,3 +59,31 @@ def test_streaming_plain_and_selected(client: openai.OpenAI):
     chunks = list(stream)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     assert any(chunk.choices and chunk.choices[0].finish_reason for chunk in chunks)
+
+
+def test_calibrated_best_of_n_and_early_rejection(client: openai.OpenAI):
+    def run(alignment: dict[str, Any]) -> Any:
+        return client.completions.create(
+            model="tiny-base", prompt="def parse(text):", max_tokens=16, seed=4, temperature=1.0,
+            extra_body={"alignment": {**alignment, "return_details": True}},
+        )  # fmt: skip
+
+    best = run({"best_of_n": {"n": 8, "reward": "rm"}})
+    calibrated = run({"best_of_n": {"n": 8, "reward": "rm", "calibrate": {"references": 8}}})
+    same = run({"early_rejection": {"n": 8, "reward": "rm", "rejection_rate": 0}})
+    early = run({"early_rejection": {"n": 8, "reward": "rm", "first_checkpoint": 4, "rejection_rate": 0.75}})
+    assert calibrated.choices[0].text == same.choices[0].text == best.choices[0].text  # max: unchanged
+    assert len(details(calibrated.choices[0])["best_of_n"]["reference_rewards"]["rm"]) == 8
+    assert len(details(early.choices[0])["early_rejection"]["checkpoints"][0]["kept"]) == 2
+    assert early.usage is not None and best.usage is not None
+    assert early.usage.completion_tokens < best.usage.completion_tokens
+
+
+def test_abstain_on_a_vllm_worker(client: openai.OpenAI):
+    alignment = {"uncertainty": {}, "abstain": {"threshold": 0.0, "answer": "I do not know."}, "return_details": True}
+    chat = client.chat.completions.create(
+        model="tiny-chat", messages=MESSAGES, max_tokens=5, temperature=0, extra_body={"alignment": alignment}
+    )
+    record = details(chat.choices[0])
+    assert chat.choices[0].message.content == "I do not know." and record["abstain"]["abstained"] is True
+    assert record["uncertainty"]["nll"] > 0

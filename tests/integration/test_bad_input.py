@@ -72,7 +72,36 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None, str]] = [
      "invalid_request"),
     ("chat-without-template", "chat/completions", {"model": "tiny-base", "messages": USER}, 400, "messages",
      "invalid_request"),
+    # Found by fuzzing: token ids are checked before anything reads them, and before a stream's 200.
+    ("negative-token-id-transfer-q", "completions", {"model": "tiny-base", "prompt": [-1], "alignment": {
+        "transfer_q": {"baseline": "tiny-chat-shared", "reward": "rm", "top_k": 3}}}, 400, "prompt", "invalid_request"),
+    ("huge-token-id-transfer-q", "completions", {"model": "tiny-base", "prompt": [9999999999999], "alignment": {
+        "transfer_q": {"baseline": "tiny-chat-shared", "reward": "rm", "top_k": 3}}}, 400, "prompt", "invalid_request"),
+    ("negative-token-id-streamed", "completions", {"model": "tiny-base", "prompt": [-1], "stream": True}, 400,
+     "prompt", "invalid_request"),
+    ("huge-token-id-streamed", "completions", {"model": "tiny-base", "prompt": [2**70], "stream": True}, 400,
+     "prompt", "invalid_request"),
 ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("route", "extreme"),
+    [("completions", {"top_p": 5e-324}), ("completions", {"temperature": 1.401298464324817e-45}),
+     ("chat/completions", {"top_p": 5e-324}), ("chat/completions", {"temperature": 1.401298464324817e-45})],
+)  # fmt: skip
+def test_numerically_extreme_sampling_is_greedy(server: LocalGateway, route: str, extreme: dict[str, float]):
+    """Found by fuzzing (500s before): a top_p below rounding error or a temperature too small to divide by."""
+    prompt = {"prompt": "def f(x):"} if route == "completions" else {"messages": USER}
+    model = "tiny-base" if route == "completions" else "tiny-chat"
+
+    def text(**sampling: float) -> str:
+        body = {"model": model, **prompt, "max_tokens": 6, "seed": 1, **sampling}
+        response = httpx.post(f"{server.url}/v1/{route}", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        return choice["text"] if route == "completions" else choice["message"]["content"]
+
+    assert text(**extreme) == text(temperature=0)
 
 
 @pytest.mark.parametrize(
