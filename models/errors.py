@@ -30,6 +30,8 @@ CROSS_FIELD = "cross_field"
 def cross_field_error(param: str, message: str) -> PydanticCustomError:
     """A model validator's error naming the field at fault (pydantic gives a model's own errors no location)."""
     return PydanticCustomError(CROSS_FIELD, message.replace("{", "{{").replace("}", "}}"), {"param": param})
+
+
 """The pydantic error type of an OpenAI parameter that alignd does not implement."""
 
 

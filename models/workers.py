@@ -57,6 +57,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+GUARD = (sys.executable, "-m", "models.worker_guard", "--")
+"""Every managed worker runs under ``models.worker_guard``: it cannot outlive the gateway."""
+
+
 class ManagedWorker:
     """One vLLM server process on a loopback port, kept running until ``stop``.
 
@@ -87,10 +91,11 @@ class ManagedWorker:
         return self._process.pid if self._process and self._process.returncode is None else None
 
     def command(self) -> list[str]:
-        # taskset execs the server, so the pid and process group stay the worker's; its threads and child
-        # processes (engine core, model runner) inherit the CPU set.
+        # The guard leads the worker's process group (its pid is the group's); taskset execs the server, whose
+        # threads and child processes (engine core, model runner) inherit the CPU set.
         pinned = ("taskset", "--cpu-list", ",".join(map(str, self.spec.cpus))) if self.spec.cpus else ()
         return [
+            *GUARD,
             *pinned,
             *self.spec.command,
             "--model", str(self.spec.model_path),

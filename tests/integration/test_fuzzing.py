@@ -25,6 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from evaluation.gateway import LocalGateway
 
 EXAMPLES = int(os.environ.get("ALIGND_FUZZ_EXAMPLES", "670"))
+# About 50 ms a request on 2 cores; each request has its own 60 s bound (a hang fails it).
+pytestmark = pytest.mark.timeout(300 + EXAMPLES)
 CONFIG = """\
 model_root: {root}
 models:

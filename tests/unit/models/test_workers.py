@@ -1,10 +1,15 @@
-"""Managed workers against a stand-in server process (no vLLM): launch, CPU pinning, stop."""
+"""Managed workers against a stand-in server process (no vLLM): launch, CPU pinning, stop, no orphans."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from models import workers
@@ -47,10 +52,12 @@ def allowed_cpus(pid: int) -> str:
 async def test_a_worker_with_cpus_runs_pinned_to_them(tmp_path: Path):
     http = WorkerHTTP()
     worker = ManagedWorker(stand_in(tmp_path, cpus=(0,)), 0, tmp_path, http.probe, Supervision(startup_timeout_s=30))
-    assert worker.command()[:3] == ["taskset", "--cpu-list", "0"]
+    assert worker.command()[: len(workers.GUARD) + 3] == [*workers.GUARD, "taskset", "--cpu-list", "0"]
     await worker.start()
     try:
-        assert worker.pid is not None and allowed_cpus(worker.pid) == "0"
+        assert worker.pid is not None
+        (server,) = psutil.Process(worker.pid).children()  # the guard's one child: the pinned server
+        assert allowed_cpus(server.pid) == "0" and allowed_cpus(worker.pid) != "0"
     finally:
         await worker.stop()
         await http.close()
@@ -59,7 +66,36 @@ async def test_a_worker_with_cpus_runs_pinned_to_them(tmp_path: Path):
 
 async def test_a_worker_without_cpus_is_launched_as_configured(tmp_path: Path):
     worker = ManagedWorker(stand_in(tmp_path), 0, tmp_path, unused_probe, Supervision())
-    assert worker.command()[0] == sys.executable
+    assert worker.command()[len(workers.GUARD)] == sys.executable
+
+
+# A gateway stand-in: starts one guarded worker as the gateway does (a new session), says its pid, waits.
+GATEWAY = """
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-m", "models.worker_guard", "--", "sleep", "300"], start_new_session=True)
+print(worker.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_killed_gateway_leaves_no_worker_running():
+    with subprocess.Popen([sys.executable, "-c", GATEWAY], stdout=subprocess.PIPE, text=True) as gateway:
+        assert gateway.stdout is not None
+        group = int(gateway.stdout.readline())
+        deadline = time.monotonic() + 10
+        while len(psutil.Process(group).children()) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (sleeper,) = psutil.Process(group).children()
+        gateway.kill()
+    gone, alive = psutil.wait_procs([sleeper], timeout=10)
+    assert gone and not alive
+    with pytest.raises(ProcessLookupError):
+        os.killpg(group, 0)
+
+
+async def test_the_guard_hands_on_the_workers_exit_code(tmp_path: Path):
+    guard = await asyncio.create_subprocess_exec(*workers.GUARD, sys.executable, "-c", "raise SystemExit(7)")
+    assert await guard.wait() == 7
 
 
 async def test_cpus_without_taskset_is_a_clear_start_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
