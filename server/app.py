@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from decoding.grammar import GrammarService
+from decoding.grammar.snapshots import TrieSnapshots
 from decoding.guidelines import GuidelineRetriever
 from decoding.pipeline import Pipeline
 from decoding.stages import Services
@@ -40,6 +41,8 @@ def build_app(settings: Settings) -> FastAPI:
 
     async def load() -> None:
         await registry.load()
+        if snapshots is not None:
+            await snapshots.load()
         # The model libraries leave about half a million long-lived objects; under load the collector's full
         # passes over them stalled the gateway for ~250 ms every few seconds. Frozen, it skips them.
         gc.collect()
@@ -53,12 +56,17 @@ def build_app(settings: Settings) -> FastAPI:
         loading = asyncio.create_task(load())
         if settings.processes > 1:
             await loading
+        writing = asyncio.create_task(snapshots.keep_writing()) if snapshots is not None else None
         try:
             yield
         finally:
-            loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loading
+            for task in (writing, loading):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            if snapshots is not None:
+                await snapshots.save()
             await registry.close()
 
     app = FastAPI(title="alignd", lifespan=lifespan)
@@ -69,6 +77,10 @@ def build_app(settings: Settings) -> FastAPI:
     metrics.admission_limits.labels(limit="request_work").set(settings.limits.max_request_work)
     limits = settings.limits
     grammars = GrammarService(max_grammar_bytes=limits.max_grammar_bytes, max_trie_nodes=limits.max_trie_nodes)
+    snapshots, tries = None, settings.tries
+    if tries.snapshot is not None:
+        # A trie is in its model's token ids: it is kept only for a model served with the same tokenizer.
+        snapshots = TrieSnapshots(grammars.store, tries.snapshot, tries.snapshot_interval_s, registry.tokenizer_ids)
     app.state.grammars = grammars
     pipeline = Pipeline(registry, limits, Services(GuidelineRetriever(registry.libraries), grammars))
     handler_args = (registry, pipeline, limits, metrics)

@@ -129,6 +129,17 @@ class WorkersConfig(BaseModel):
     log_dir: Path | None = Field(default=None, description="Managed: worker logs (default: a temporary directory).")
 
 
+class TriesConfig(BaseModel):
+    """ASAp's in-process tries on disk: what ASAp learned survives a restart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    snapshot: Path | None = Field(
+        default=None, description="Where the gateway keeps its tries (gzipped JSON); none: they live in memory only."
+    )
+    snapshot_interval_s: float = Field(default=60.0, gt=0, description="How often they are written (and at exit).")
+
+
 class LibraryConfig(BaseModel):
     """A guideline library (JSONL; see decoding/guidelines.py)."""
 
@@ -209,6 +220,7 @@ class Settings(BaseSettings):
     limits: Limits = Limits()
     admission: AdmissionConfig = AdmissionConfig()
     workers: WorkersConfig = WorkersConfig()
+    tries: TriesConfig = TriesConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -227,6 +239,8 @@ class Settings(BaseSettings):
         self.model_root = self.model_root.expanduser()
         if self.guidelines.cache_dir is not None:
             self.guidelines.cache_dir = self.guidelines.cache_dir.expanduser()
+        if self.tries.snapshot is not None:
+            self.tries.snapshot = self.tries.snapshot.expanduser()
         entries: list[ModelConfig | ScorerConfig] = [*self.models, *self.scorers]
         for entry in entries:
             if entry.path is not None:
@@ -239,6 +253,11 @@ class Settings(BaseSettings):
         if duplicates:
             raise ValueError(f"model, scorer and profile names must be unique; repeated: {', '.join(duplicates)}")
         managed = [entry.name for entry in entries if entry.backend == "vllm" and not entry.vllm.urls]
+        if self.processes > 1 and self.tries.snapshot is not None:
+            raise ValueError(
+                f"`tries.snapshot` needs `processes: 1`: each of {self.processes} gateway processes learns its own "
+                "tries, and they would overwrite one file"
+            )
         if self.processes > 1 and managed:
             raise ValueError(
                 f"`processes: {self.processes}` needs `vllm.urls` for {', '.join(managed)}: every gateway process "

@@ -175,6 +175,10 @@ class ModelRegistry:
     def engines(self) -> dict[str, Engine]:
         return dict(self._engines)
 
+    def tokenizer_ids(self) -> dict[str, str]:
+        """Each loaded model's vocabulary fingerprint (equal ones exchange token ids)."""
+        return {name: engine.info.tokenizer_id for name, engine in self._engines.items()}
+
     def get(self, name: str) -> Engine:
         if name in self._engines:
             return self._engines[name]

@@ -115,7 +115,7 @@ class TrieSummary(BaseModel):
 
 
 @dataclass(slots=True)
-class _Entry:
+class StoredTrie:
     trie: EFGTrie
     model: str
     params: GrammarParams | None
@@ -128,18 +128,33 @@ class EFGStore:
 
     def __init__(self, max_nodes: int = 1_000_000) -> None:
         self.max_nodes = max_nodes
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[str, StoredTrie] = OrderedDict()
         self.lock = threading.RLock()
 
     def trie(self, key: str, *, model: str = "", params: GrammarParams | None = None, max_tokens: int = 0) -> EFGTrie:
         with self.lock:
             entry = self._entries.get(key)
             if entry is None:
-                entry = self._entries[key] = _Entry(EFGTrie(), model, params, max_tokens, time.time())
+                entry = self._entries[key] = StoredTrie(EFGTrie(), model, params, max_tokens, time.time())
             entry.last_used = time.time()
             self._entries.move_to_end(key)
             self._evict(keep=key)
             return entry.trie
+
+    def restore(
+        self, key: str, trie: EFGTrie, *, model: str, params: GrammarParams | None, max_tokens: int, last_used: float
+    ) -> None:
+        """Puts back a trie read from a snapshot (``decoding.grammar.snapshots``), unless the key has one."""
+        with self.lock:
+            if key not in self._entries:
+                self._entries[key] = StoredTrie(trie, model, params, max_tokens, last_used)
+                self._entries.move_to_end(key, last=False)  # older than anything used since the start
+                self._evict(keep=next(reversed(self._entries)))
+
+    def entries(self) -> list[tuple[str, StoredTrie]]:
+        """Every (key, entry), least recently used first; call with ``lock`` held to read the tries."""
+        with self.lock:
+            return list(self._entries.items())
 
     def _evict(self, keep: str) -> None:
         while self.nodes > self.max_nodes and len(self._entries) > 1:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
 import jsonschema
 import openai
 import pytest
+import yaml
 
 from evaluation.gateway import LocalGateway
 
@@ -161,3 +163,29 @@ def test_what_asap_learned_can_be_listed_and_reset(server: LocalGateway, client:
     again = client.completions.create(model="tiny-base", prompt="Admin:", max_tokens=12, n=2, seed=1,
                                       extra_body={"alignment": body})  # fmt: skip
     assert details(again.choices[0])["grammar"] == record  # a fresh trie learns the same way again
+
+
+def test_what_asap_learned_survives_a_restart(tiny_models: Path, embeddings_cache: Path, tmp_path: Path):
+    config = tmp_path / "alignd.yaml"
+    tries = {"snapshot": str(tmp_path / "tries.json.gz"), "snapshot_interval_s": 3600}  # written at exit
+    config.write_text(yaml.safe_dump({
+        "model_root": str(tiny_models), "models": [{"name": "tiny-base", "path": "base"}], "tries": tries,
+        "guidelines": {"cache_dir": str(embeddings_cache)},
+    }))  # fmt: skip
+    body = {"grammar": {**YES_NO, "mode": "asap"}, "return_details": True}
+
+    def learned(gateway: LocalGateway) -> list[dict[str, Any]]:
+        return httpx.get(f"{gateway.url}/admin/grammar/tries", timeout=10).json()["data"]
+
+    with LocalGateway(config, tmp_path / "first.log") as first, first.client() as client:
+        for seed in range(3):
+            client.completions.create(model="tiny-base", prompt="Trie:", max_tokens=12, n=2, seed=seed,
+                                      extra_body={"alignment": body})  # fmt: skip
+        before = learned(first)
+    assert before and before[0]["nodes"] > 1
+    with LocalGateway(config, tmp_path / "second.log") as second, second.client() as client:
+        assert learned(second) == before
+        completion = client.completions.create(model="tiny-base", prompt="Trie:", max_tokens=12, seed=9,
+                                               extra_body={"alignment": body})  # fmt: skip
+        record = details(completion.choices[0])["grammar"]
+        assert record["trie_nodes"] >= before[0]["nodes"] and record["root_efg"] <= before[0]["root_efg"]
