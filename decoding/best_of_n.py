@@ -117,9 +117,12 @@ class BestOfNDetails(BaseModel):
     )
 
 
-def scorers_for(params: BestOfNParams, resources: Resources) -> list[Scorer]:
-    """Resolves the reward names now, so a bad name fails before any generation."""
-    return [resources.scorer(name, param="alignment.best_of_n.reward") for name in params.rewards]
+REWARD_PARAM = "alignment.best_of_n.reward"
+
+
+def resolve_scorers(names: Sequence[str], resources: Resources, *, param: str) -> list[Scorer]:
+    """Resolves reward names now, so a bad name fails before any generation (a 400 naming ``param``)."""
+    return [resources.scorer(name, param=param) for name in names]
 
 
 async def score_candidates(scorers: Sequence[Scorer], prompt: str, responses: Sequence[str]) -> list[dict[str, float]]:
@@ -251,7 +254,7 @@ class BestOfNSelection:
                 "`alignment.best_of_n.calibrate` needs sampled references: set `temperature` above 0.",
                 param="alignment.best_of_n.calibrate",
             )
-        scorers_for(params, resources)
+        resolve_scorers(params.rewards, resources, param=REWARD_PARAM)
 
     def samples(self, params: BestOfNParams) -> int:
         return params.n
@@ -264,7 +267,8 @@ class BestOfNSelection:
     ) -> list[Candidate]:
         texts = [candidate.text for candidate in candidates]
         references = await self._references(params, job)
-        scored = await score_candidates(scorers_for(params, resources), job.prompt_text, texts + references)
+        scorers = resolve_scorers(params.rewards, resources, param=REWARD_PARAM)
+        scored = await score_candidates(scorers, job.prompt_text, texts + references)
         rewards_by_scorer, reference_rewards = scored[: len(texts)], scored[len(texts) :]
         used = rewards_by_scorer
         if params.calibrate is not None:

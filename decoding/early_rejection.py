@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pydantic import BaseModel, Field
 
 from decoding.base import Candidate, GenerationJob, Limits, MethodParams, Resources
-from decoding.best_of_n import aggregate, score_candidates
+from decoding.best_of_n import aggregate, resolve_scorers, score_candidates
 from models.engine import FinishReason, SamplingParams
 from models.errors import InvalidRequestError
 from models.scorers import Scorer
@@ -74,13 +74,12 @@ class _Partial:
     scored_tokens: int = -1
 
 
-def scorers_for(params: EarlyRejectionParams, resources: Resources) -> list[Scorer]:
-    return [resources.scorer(name, param="alignment.early_rejection.reward") for name in params.rewards]
+REWARD_PARAM = "alignment.early_rejection.reward"
 
 
-def survivors(rewards: list[float], rate: float) -> int:
-    """How many of ``len(rewards)`` running candidates a checkpoint keeps: at least one."""
-    return max(1, math.ceil(len(rewards) * (1 - rate)))
+def survivors(running: int, rate: float) -> int:
+    """How many of ``running`` candidates a checkpoint keeps: at least one."""
+    return max(1, math.ceil(running * (1 - rate)))
 
 
 class EarlyRejectionSelection:
@@ -96,7 +95,7 @@ class EarlyRejectionSelection:
             )
         if sampling.n != 1:
             raise InvalidRequestError("`early_rejection` returns one answer: `n` must be 1.", param="n")
-        scorers_for(params, resources)
+        resolve_scorers(params.rewards, resources, param=REWARD_PARAM)
 
     def samples(self, params: EarlyRejectionParams) -> int:
         return 0
@@ -107,7 +106,7 @@ class EarlyRejectionSelection:
     async def select(
         self, params: EarlyRejectionParams, candidates: list[Candidate], job: GenerationJob, resources: Resources
     ) -> list[Candidate]:
-        scorers = scorers_for(params, resources)
+        scorers = resolve_scorers(params.rewards, resources, param=REWARD_PARAM)
         budget = job.sampling.max_tokens
         first = budget if params.rejection_rate == 0 else min(params.first_checkpoint, budget)
         sampling = replace(job.sampling, n=params.n, max_tokens=first, logprobs=None, prompt_logprobs=None)
@@ -122,13 +121,9 @@ class EarlyRejectionSelection:
                 break
             done = [p for p in running if p.finish_reason is not None]
             ranked = sorted((p for p in running if p.finish_reason is None), key=lambda p: (-p.reward, p.index))
-            kept = ranked[: survivors([p.reward for p in ranked], params.rejection_rate)]
+            kept = sorted(ranked[: survivors(len(ranked), params.rejection_rate)], key=lambda p: p.index)
             running = sorted(done + kept, key=lambda p: p.index)
-            checkpoints.append(
-                Checkpoint(
-                    tokens=reach, running=len(ranked), kept=[p.index for p in sorted(kept, key=lambda p: p.index)]
-                )
-            )
+            checkpoints.append(Checkpoint(tokens=reach, running=len(ranked), kept=[p.index for p in kept]))
             last = round_ == params.rounds - 1
             reach = budget if last else min(budget, params.first_checkpoint * 2 ** (round_ + 1))
             await self._extend(job, [p for p in running if p.finish_reason is None], reach, round_)

@@ -74,7 +74,7 @@ async def test_survivors_continue_from_their_own_token_ids_and_the_worst_are_dro
     continued = [ids for ids, params in engine.generate_calls[1:] if params.n == 1]
     prompt = first[0]
     assert continued and all(ids[: len(prompt)] == prompt and len(ids) > len(prompt) for ids in continued)
-    assert details.checkpoints[0].running <= 8 and len(details.checkpoints[0].kept) == survivors([0.0] * 8, 0.5)
+    assert details.checkpoints[0].running <= 8 and len(details.checkpoints[0].kept) == survivors(8, 0.5)
     assert len(scorer.batches) >= 2
 
 
