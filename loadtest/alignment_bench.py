@@ -13,8 +13,6 @@ Writes ``loadtest/results/alignment.json``.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import statistics
 import tempfile
 import time
@@ -23,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from decoding.guidelines import DEFAULT_LIBRARY, GuidelineLibrary, GuidelinesParams
+from loadtest.reporting import RESULTS, run_benchmark
 from models.embedder import SentenceEmbedder
 from models.engine import Engine, SamplingParams
 from models.hf import HFEngine
 from models.scorers import HFRewardScorer
 from models.tiny import ensure_tiny_models
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT = "Question: how do I sort a list in Python?\nAnswer:"
 
 
@@ -151,11 +149,7 @@ def main() -> None:
     parser.add_argument("--no-vllm", dest="vllm", action="store_false")
     parser.add_argument("--models", type=Path, default=Path("~/.cache/alignd/tiny-models").expanduser())
     parser.add_argument("--output", type=Path, default=RESULTS / "alignment.json")
-    args = parser.parse_args()
-    report = asyncio.run(main_async(args))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    run_benchmark(main_async, parser.parse_args())
 
 
 if __name__ == "__main__":

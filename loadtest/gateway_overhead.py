@@ -34,11 +34,11 @@ import yaml
 from evaluation.gateway import LocalGateway
 from loadtest.loadgen import Shot, Target, closed_loop, open_loop, summary
 from loadtest.mock_vllm import MockWorker
+from loadtest.reporting import RESULTS, write_report
 from loadtest.stacks import vllm_model
 from models.tiny import ensure_tiny_models
 from models.tokenizer import Tokenizer
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT = "def fibonacci(n):\n    "
 Load = Callable[[Target], Awaitable[tuple[list[Shot], float]]]
 
@@ -209,8 +209,7 @@ def main() -> None:
     report["mock"] = against_mock(args.models, args)
     if not args.skip_vllm:
         report["vllm"] = against_vllm(args.models, args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
+    write_report(report, args.output)
     print(f"wrote {args.output}")
 
 

@@ -12,7 +12,6 @@ Writes ``loadtest/results/grammar.json``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
 import tracemalloc
@@ -22,11 +21,11 @@ from typing import Any
 import torch
 
 from decoding.grammar import GrammarParams, GrammarService
+from loadtest.reporting import RESULTS, run_benchmark
 from models.engine import SamplingParams
 from models.hf import HFEngine
 from models.tiny import ensure_tiny_models
 
-RESULTS = Path(__file__).parent / "results"
 PROMPT = "Answer:"
 GRAMMARS = {
     "json_schema": GrammarParams(
@@ -159,11 +158,7 @@ def main() -> None:
     parser.add_argument("--processor-samples", type=int, default=200, help="sequences per mode, processors alone")
     parser.add_argument("--models", type=Path, default=Path("~/.cache/alignd/tiny-models").expanduser())
     parser.add_argument("--output", type=Path, default=RESULTS / "grammar.json")
-    args = parser.parse_args()
-    report = asyncio.run(main_async(args))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    run_benchmark(main_async, parser.parse_args())
 
 
 if __name__ == "__main__":

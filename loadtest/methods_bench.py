@@ -19,7 +19,6 @@ group's first variant. Writes ``loadtest/results/methods.json``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import tempfile
@@ -34,9 +33,9 @@ import yaml
 
 from evaluation.gateway import LocalGateway
 from evaluation.runner import Configuration, Outcome, run_configuration
+from loadtest.reporting import RESULTS, run_benchmark
 from toyworld.build import ensure_toy_world
 
-RESULTS = Path(__file__).parent / "results"
 KNOWLEDGE = ("capital", "country", "birth-year", "sum")
 STOP = ["\nUser:"]
 SAMPLED = {"temperature": 1.0, "max_tokens": 40, "stop": STOP, "seed": 0}
@@ -143,11 +142,7 @@ def main() -> None:
     parser.add_argument("--host", help="a running gateway serving the toy world's names (default: start one)")
     parser.add_argument("--world", type=Path, default=Path("~/.cache/alignd/toy-world").expanduser())
     parser.add_argument("--output", type=Path, default=RESULTS / "methods.json")
-    args = parser.parse_args()
-    report = asyncio.run(main_async(args))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    run_benchmark(main_async, parser.parse_args())
 
 
 if __name__ == "__main__":

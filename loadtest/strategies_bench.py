@@ -31,6 +31,7 @@ from decoding.nudging import Nudging, NudgingParams
 from decoding.transfer_q import TransferQ, TransferQParams
 from decoding.usage import MeteredEngine, UsageMeter
 from evaluation.checkers import check
+from loadtest.reporting import RESULTS, run_benchmark
 from loadtest.stacks import CPU_WORKER
 from models.engine import Completion, Engine, Prompt, SamplingParams
 from models.scorers import HFRewardScorer
@@ -40,7 +41,6 @@ from models.vllm_service import VLLMService
 from models.workers import Supervision, WorkerSpec
 from toyworld.build import ensure_toy_world
 
-RESULTS = Path(__file__).parent / "results"
 # Held-out questions whose answers the base knows: nudging's setting (content from the base, style from the nudger).
 KNOWLEDGE = ("capital", "country", "birth-year", "sum")
 
@@ -225,11 +225,7 @@ def main() -> None:
     parser.add_argument("--transfer-q-tokens", type=int, default=16)
     parser.add_argument("--world", type=Path, default=Path("~/.cache/alignd/toy-world").expanduser())
     parser.add_argument("--output", type=Path, default=RESULTS / "strategies.json")
-    args = parser.parse_args()
-    report = asyncio.run(main_async(args))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    run_benchmark(main_async, parser.parse_args())
 
 
 if __name__ == "__main__":

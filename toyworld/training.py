@@ -171,12 +171,25 @@ def chat_examples(
     return examples
 
 
+def answer_batch(rows: Sequence[tuple[list[int], int]], pad: int) -> torch.Tensor:
+    """Rows of (token ids, where the answer starts) padded into one tensor of shape (2, rows, width): the ids,
+    and the labels (the answer's ids, -100 elsewhere)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    batch = torch.full((2, len(rows), width), pad)
+    batch[1] = -100
+    for row, (ids, start) in enumerate(rows):
+        batch[0, row, : len(ids)] = torch.tensor(ids)
+        batch[1, row, start : len(ids)] = torch.tensor(ids[start:])
+    return batch
+
+
 def finetune_chat(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, dialogs: Sequence[Any], schedule: Schedule,
     *, seed: int, progress: Progress, plain_text: bool = False,
 ) -> float:  # fmt: skip
     """Supervised chat training: the assistant's answers, given the rendered conversation."""
-    import torch
 
     examples = chat_examples(tokenizer, dialogs, plain_text=plain_text)
     rng = random.Random(seed)
@@ -186,14 +199,7 @@ def finetune_chat(
         order = list(range(len(examples)))
         rng.shuffle(order)
         for start in range(0, len(order), schedule.batch_size):
-            chosen = [examples[i] for i in order[start : start + schedule.batch_size]]
-            width = max(len(ids) for ids, _ in chosen)
-            batch = torch.full((2, len(chosen), width), pad)
-            batch[1] = -100
-            for row, (ids, answer_start) in enumerate(chosen):
-                batch[0, row, : len(ids)] = torch.tensor(ids)
-                batch[1, row, answer_start : len(ids)] = torch.tensor(ids[answer_start:])
-            yield batch
+            yield answer_batch([examples[i] for i in order[start : start + schedule.batch_size]], pad)
 
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
         inputs, labels = batch[0], batch[1]
@@ -264,15 +270,8 @@ def train_autoregressive_reward(
         order = list(range(len(examples)))
         rng.shuffle(order)
         for first in range(0, len(order), schedule.batch_size):
-            rows = [(ids, start) for i in order[first : first + schedule.batch_size]
-                    for ids, start in (examples[i][:2], examples[i][2:])]  # fmt: skip
-            width = max(len(ids) for ids, _ in rows)
-            batch = torch.full((2, len(rows), width), pad)
-            batch[1] = -100
-            for row, (ids, start) in enumerate(rows):
-                batch[0, row, : len(ids)] = torch.tensor(ids)
-                batch[1, row, start : len(ids)] = torch.tensor(ids[start:])
-            yield batch
+            yield answer_batch([(ids, start) for i in order[first : first + schedule.batch_size]
+                                for ids, start in (examples[i][:2], examples[i][2:])], pad)  # fmt: skip
 
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
         inputs, labels = batch[0], batch[1]
