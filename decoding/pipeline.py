@@ -8,7 +8,8 @@ The pipeline folds over the stage hooks of the request's methods (``decoding.sta
 3. selection: a selection-stage method (best-of-N) draws its candidates from the strategy
    and returns the top ``n``; without one the strategy draws ``n``;
 4. gate: before the strategy runs, gate-stage methods (uncertainty, abstain) judge the base's
-   greedy answer, measured once; an abstention answers every choice without generating.
+   greedy answer, measured once; an abstention answers every choice without generating, or
+   the request's fallback (another profile, prepared with it and sharing its meter) answers.
 
 ``run`` and ``stream`` share every step: a stream is the incremental view of ``run``'s
 result (token by token for plain generation without selection, else each choice whole),
