@@ -42,6 +42,9 @@ class Limits(BaseModel):
         ge=1,
         description="Compute budget of one request: samples x max_tokens x models (generating engines and scorers).",
     )
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Largest request body read; larger ones are a 413."
+    )
     max_logprobs: int = Field(default=20, ge=0)
     max_reward_inputs: int = Field(
         default=64, ge=1, description="Most (prompt, response) pairs one `/v1/rewards` call scores."

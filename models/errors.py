@@ -67,6 +67,13 @@ class ContextLengthExceededError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request body is larger than the server reads."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
 class WorkBudgetExceededError(InvalidRequestError):
     """Samples x tokens x models exceeds the server's per-request compute budget."""
 

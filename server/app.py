@@ -20,7 +20,7 @@ from server.config import Settings
 from server.engines import ModelRegistry
 from server.errors import install_error_handlers
 from server.metrics import Metrics
-from server.middleware import RequestContextMiddleware
+from server.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from server.routes import admin_router, openai_router, ops_router
 from server.serving_chat import ChatCompletionHandler
 from server.serving_completion import CompletionHandler
@@ -91,5 +91,6 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(ops_router)
     app.include_router(admin_router)
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=limits.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

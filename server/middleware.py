@@ -9,6 +9,7 @@ import uuid
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from models.errors import RequestTooLargeError
 from models.replicas import request_affinity
 from server.errors import as_aligned_error, error_payload
 from server.logs import request_id
@@ -82,3 +83,42 @@ class RequestContextMiddleware:
                 "duration_ms": round(seconds * 1000, 1), "model": model or None,
             },
         )  # fmt: skip
+
+
+class BodySizeLimitMiddleware:
+    """Refuses a body over ``max_bytes`` with a 413: at once when its ``Content-Length`` says so, else once
+    more than that has arrived (a chunked body), before any of it is parsed. A body within the bound is read
+    here, as the framework would read it anyway, and handed on whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        body, message = bytearray(), await receive()
+        while message["type"] == "http.request":
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+            message = await receive()
+        whole: Message = {"type": "http.request", "body": bytes(body), "more_body": False}
+        pending = [whole if message["type"] == "http.request" else message]
+
+        async def replay() -> Message:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = RequestTooLargeError(f"The request body is larger than this server reads ({self.max_bytes} bytes).")
+        await JSONResponse(error_payload(error), status_code=error.status_code)(scope, receive, send)

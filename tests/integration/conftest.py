@@ -38,6 +38,7 @@ limits:
   default_max_tokens: 32
   max_best_of_n: 8
   max_grammar_bytes: 4096
+  max_body_bytes: 65536
 """
 
 

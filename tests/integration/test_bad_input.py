@@ -84,6 +84,36 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None, str]] = [
 ]  # fmt: skip
 
 
+def _chunks(body: bytes, size: int = 8192):  # type: ignore[no-untyped-def]
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+LONG_PROMPT = b'{"model": "tiny-base", "prompt": "' + b"x" * 70_000 + b'"}'
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "code"),
+    [
+        (LONG_PROMPT, 413, "request_too_large"),
+        (_chunks(LONG_PROMPT), 413, "request_too_large"),  # no Content-Length: counted as it arrives
+        (b"[" * 30_000 + b"]" * 30_000, 400, None),
+        (b'{"model": "tiny-base", "prompt": "' + bytes([0xFF, 0xFE]) + b'"}', 400, None),
+    ],
+    ids=["over-the-size", "over-the-size-chunked", "deeply-nested", "invalid-utf-8"],
+)  # fmt: skip
+def test_hostile_bodies_are_clear_4xx_and_the_server_keeps_serving(
+    server: LocalGateway, content: Any, status: int, code: str | None
+):
+    response = httpx.post(f"{server.url}/v1/completions", content=content,
+                          headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert response.status_code == status, response.text[:300]
+    error = response.json()["error"]
+    assert error["message"] and (code is None or error["code"] == code)
+    ok = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny-base", "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
 @pytest.mark.parametrize(
     ("route", "extreme"),
     [("completions", {"top_p": 5e-324}), ("completions", {"temperature": 1.401298464324817e-45}),
