@@ -21,6 +21,7 @@ def test_models_are_listed(client: openai.OpenAI):
         "tiny-chat-shared",
         "tiny-base-short",
         "tiny-chat-short",
+        "tiny-chat-unsure",
         "tiny-chat-safe",
     }
     assert (models["tiny-chat-safe"].model_extra or {})["root"] == "tiny-chat"

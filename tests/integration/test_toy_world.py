@@ -135,7 +135,7 @@ def test_genarm_raises_the_reward_and_the_pass_rate_over_the_base_and_is_compare
 ):
     # Matched per-step compute: the base's top 4 tokens, valued by the ARM (GenARM), by toy-rm on the partial
     # text (ARGS), by toy-rm after 8-token baseline rollouts (Transfer-Q*).
-    items = of(tasks, *KNOWLEDGE)[::2]
+    items = of(tasks, *KNOWLEDGE)[::4]
     guided = {"max_tokens": 24, "stop": STOP["stop"], "seed": 0}
     configurations = {
         "base": Configuration("base", "toy-base", "completions", sampling={"temperature": 1.0, **STOP}),
