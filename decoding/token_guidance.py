@@ -147,6 +147,7 @@ class GuidedDecoding(ABC):
     async def run(self) -> tuple[list[int], str, FinishReason, GuidedDetails]:
         answer: list[int] = []
         steps: list[DecisionStep] = []
+        taken = 0
         log_ratio = 0.0
         finish: FinishReason = "length"
         while len(answer) < self.max_tokens:
@@ -156,14 +157,16 @@ class GuidedDecoding(ABC):
             chosen = choose(logprobs, values, self.alpha, self.temperature, self.rng)
             log_ratio += decision_log_ratio(logprobs, values, self.alpha, self.temperature, chosen)
             answer += candidates[chosen].token_ids[: self.max_tokens - len(answer)]
-            steps.append(self._record(candidates, values, chosen))
-            if ended[chosen] or cut_at_stop(self.base.tokenizer.decode(answer), self.stop)[1]:
+            taken += 1
+            if taken <= MAX_REPORTED_STEPS:  # only these are reported: later steps are not decoded for details
+                steps.append(self._record(candidates, values, chosen))
+            # The answer is decoded to look for a stop string only where the request has one.
+            if ended[chosen] or (self.stop and cut_at_stop(self.base.tokenizer.decode(answer), self.stop)[1]):
                 finish = "stop"
                 break
         details = self.details_model(
-            decision_steps=len(steps), log_ratio=log_ratio, steps=steps[:MAX_REPORTED_STEPS],
-            truncated=len(steps) > MAX_REPORTED_STEPS,
-        )  # fmt: skip
+            decision_steps=taken, log_ratio=log_ratio, steps=steps, truncated=taken > MAX_REPORTED_STEPS
+        )
         return answer, cut_at_stop(self.base.tokenizer.decode(answer), self.stop)[0], finish, details
 
     def derived_seed(self, salt: int) -> int | None:
