@@ -8,7 +8,9 @@ So the gateway's own cost can be measured with no model compute (and faults inje
   ``prompt_logprobs``, ``return_token_ids``, and ``stream`` at ``--tokens-per-s`` per sequence after
   ``--ttft-ms``; an out-of-range token id is a 400 as vLLM gives it;
 - ``POST /pooling`` (one score per input);
-- ``GET /mock/stats``: requests served and TCP connections seen (distinct client ports), to check pooling.
+- ``GET /mock/stats``: requests served and TCP connections seen (distinct client ports), to check pooling;
+- ``PUT /mock/fault`` with ``{"fault": NAME}`` (``null`` to heal): every completion from then on fails so
+  (see ``FAULTS``), to check what the gateway makes of a broken worker.
 
 Generated tokens are a deterministic function of the seed, the choice and the position, drawn from
 ``--first-token-id`` .. ``--first-token-id + --distinct-tokens``; their text is ``" t<id>"``.
@@ -42,6 +44,14 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 DONE = b"data: [DONE]\n\n"
+FAULTS = {
+    "truncate": "the response ends early: a stream without [DONE], a body shorter than its Content-Length",
+    "garbage": "the body (or a stream's event) is not JSON",
+    "shape": "JSON, but not a completion: no choices, or choices of the wrong types",
+    "stall": "the response stops coming: no body, or no event after the first",
+    "drop": "the connection is closed after the response has started",
+}
+STALL_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +87,7 @@ class MockVLLM:
     def __init__(self, settings: MockSettings) -> None:
         self.settings = settings
         self.stats = MockStats()
+        self.fault: str | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -93,6 +104,11 @@ class MockVLLM:
                 await _respond_json(send, self.models())
             elif route == ("GET", "/mock/stats"):
                 await _respond_json(send, self.stats.as_json())
+            elif route == ("PUT", "/mock/fault"):
+                self.fault = _fault((await _body(receive))["fault"])
+                await _respond_json(send, {"fault": self.fault})
+            elif route == ("POST", "/v1/completions") and self.fault is not None:
+                await _faulty(self.fault, bool((await _body(receive)).get("stream")), send)
             elif route == ("POST", "/v1/completions"):
                 await self.completions(await _body(receive), send)
             elif route == ("POST", "/pooling"):
@@ -160,6 +176,36 @@ class MockVLLM:
         if logprobs is not None:
             choice["logprobs"] = _logprobs(ids, int(logprobs), self.settings)
         return choice
+
+
+def _fault(name: Any) -> str | None:
+    if name is not None and name not in FAULTS:
+        raise BadRequest(f"unknown fault {name!r}; one of {', '.join(FAULTS)}")
+    return name
+
+
+class DroppedConnection(Exception):
+    """Raised after the response has started: the server closes the connection mid-response."""
+
+
+async def _faulty(fault: str, stream: bool, send: Send) -> None:
+    """A completion that fails as ``fault`` says (see ``FAULTS``)."""
+    event = b'data: {"id":"cmpl-mock","object":"text_completion","choices":[{"index":0,"text":" t3",' \
+            b'"token_ids":[3],"logprobs":null,"finish_reason":null}]}\n\n'  # fmt: skip
+    first = {"truncate": event, "garbage": b"data: {not json\n\n", "stall": event, "drop": event,
+             "shape": b'data: {"choices":[{"index":"first","token_ids":7}]}\n\n'}[fault]  # fmt: skip
+    if not stream:
+        first = {"garbage": b"<html>upstream broke</html>", "shape": b'{"object":"text_completion"}'}.get(fault, b"{")
+    length = [(b"content-length", b"4096")] if fault == "truncate" and not stream else []
+    await send({"type": "http.response.start", "status": 200,
+                "headers": (SSE_HEADERS if stream else JSON_HEADERS) + length})  # fmt: skip
+    if fault == "stall" and not stream:
+        await asyncio.sleep(STALL_S)
+    await send({"type": "http.response.body", "body": first, "more_body": fault in ("stall", "drop")})
+    if fault == "stall":
+        await asyncio.sleep(STALL_S)
+    if fault == "drop":
+        raise DroppedConnection("the mock drops this connection")
 
 
 def _prompts(prompt: Any, vocab_size: int) -> list[list[int]]:
@@ -258,6 +304,10 @@ class MockWorker:
     def stats(self) -> dict[str, int]:
         return dict(httpx.get(f"{self.url}/mock/stats", timeout=5).json())
 
+    def inject(self, fault: str | None) -> None:
+        """Every completion from now on fails as ``fault`` says (one of ``FAULTS``; None: heal)."""
+        httpx.put(f"{self.url}/mock/fault", json={"fault": fault}, timeout=5).raise_for_status()
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -287,7 +337,7 @@ def main() -> None:
     settings = MockSettings(args.model, args.max_model_len, args.vocab_size, args.first_token_id,
                             args.distinct_tokens, args.tokens_per_s, args.ttft_ms)  # fmt: skip
     uvicorn.run(MockVLLM(settings), host=args.host, port=args.port, loop="uvloop", http="httptools",
-                access_log=False, log_level="warning")  # fmt: skip
+                access_log=False, log_level="warning", timeout_graceful_shutdown=1)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ method, and vLLM's prefix cache sees identical prefixes.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from contextlib import aclosing, contextmanager
 from typing import Any
 
 from models.engine import (
@@ -101,11 +101,12 @@ class VLLMEngine:
         prompt_ids = self.tokenizer.prompt_ids(prompt)
         body = self._body(prompt_ids, params, stream=False)
         response = await self.service.post_json("/v1/completions", body, affinity=params.affinity)
-        choices = sorted(response["choices"], key=lambda choice: choice["index"])
-        samples = [self._sample(choice, params) for choice in choices]
-        prompt_logprobs = None
-        if params.prompt_logprobs is not None and choices:
-            prompt_logprobs = self._prompt_logprobs(prompt_ids, choices[0].get("prompt_logprobs"), params)
+        with _read_from_worker():
+            choices = sorted(response["choices"], key=lambda choice: choice["index"])
+            samples = [self._sample(choice, params) for choice in choices]
+            prompt_logprobs = None
+            if params.prompt_logprobs is not None and choices:
+                prompt_logprobs = self._prompt_logprobs(prompt_ids, choices[0].get("prompt_logprobs"), params)
         return Completion(prompt_ids, samples, prompt_logprobs)
 
     async def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
@@ -113,15 +114,16 @@ class VLLMEngine:
         batch = [self.tokenizer.prompt_ids(prompt) for prompt in prompts]
         body = {**self._body(batch[0], params, stream=False), "prompt": batch}
         response = await self.service.post_json("/v1/completions", body, affinity=params.affinity)
-        choices = sorted(response["choices"], key=lambda choice: choice["index"])
-        completions = []
-        for position, prompt_ids in enumerate(batch):
-            mine = choices[position * params.n : (position + 1) * params.n]
-            samples = [self._sample({**choice, "index": i}, params) for i, choice in enumerate(mine)]
-            prompt_logprobs = None
-            if params.prompt_logprobs is not None and mine:
-                prompt_logprobs = self._prompt_logprobs(prompt_ids, mine[0].get("prompt_logprobs"), params)
-            completions.append(Completion(prompt_ids, samples, prompt_logprobs))
+        with _read_from_worker():
+            choices = sorted(response["choices"], key=lambda choice: choice["index"])
+            completions = []
+            for position, prompt_ids in enumerate(batch):
+                mine = choices[position * params.n : (position + 1) * params.n]
+                samples = [self._sample({**choice, "index": i}, params) for i, choice in enumerate(mine)]
+                prompt_logprobs = None
+                if params.prompt_logprobs is not None and mine:
+                    prompt_logprobs = self._prompt_logprobs(prompt_ids, mine[0].get("prompt_logprobs"), params)
+                completions.append(Completion(prompt_ids, samples, prompt_logprobs))
         return completions
 
     async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
@@ -129,14 +131,10 @@ class VLLMEngine:
         body = self._body(prompt_ids, params, stream=True)
         async with aclosing(self.service.stream_json("/v1/completions", body, affinity=params.affinity)) as chunks:
             async for chunk in chunks:
-                for choice in chunk.get("choices", []):
-                    yield SampleDelta(
-                        index=choice["index"],
-                        text=choice.get("text") or "",
-                        token_ids=list(choice.get("token_ids") or []),
-                        logprobs=self._logprobs(choice.get("logprobs"), params),
-                        finish_reason=_finish_reason(choice.get("finish_reason")),
-                    )
+                with _read_from_worker():
+                    deltas = [self._delta(choice, params) for choice in chunk.get("choices", [])]
+                for delta in deltas:
+                    yield delta
 
     async def close(self) -> None:
         await self.service.close()
@@ -179,6 +177,15 @@ class VLLMEngine:
             logprobs=self._logprobs(choice.get("logprobs"), params),
         )
 
+    def _delta(self, choice: dict[str, Any], params: SamplingParams) -> SampleDelta:
+        return SampleDelta(
+            index=int(choice["index"]),
+            text=choice.get("text") or "",
+            token_ids=list(choice.get("token_ids") or []),
+            logprobs=self._logprobs(choice.get("logprobs"), params),
+            finish_reason=_finish_reason(choice.get("finish_reason")),
+        )
+
     def _logprobs(self, data: dict[str, Any] | None, params: SamplingParams) -> list[TokenLogprob] | None:
         """vLLM's legacy logprobs (tokens spelled ``token_id:N``) as records with our token texts."""
         if params.logprobs is None or data is None:
@@ -214,6 +221,15 @@ class VLLMEngine:
             )
             records.append(TokenLogprob(token_id, self.tokenizer.token_text(token_id), chosen["logprob"], top))
         return records
+
+
+@contextmanager
+def _read_from_worker() -> Iterator[None]:
+    """A worker's answer that is JSON but not what vLLM sends is the worker's fault, not the client's: a 502."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise UpstreamError(f"The model worker's answer is not a vLLM completion ({exc!r}).") from exc
 
 
 def _token_id(token: str) -> int:

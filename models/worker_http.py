@@ -4,7 +4,8 @@ aiohttp rather than httpx: under streaming load the client to the workers was th
 (httpx parses HTTP/1.1 in pure Python and scans its connection pool on every request; aiohttp parses in C
 and keeps idle connections per host). Error translation, in one place: unreachable or dead replica ->
 ``ReplicaUnreachableError`` (failover / 503); worker 4xx -> 400 with vLLM's message; worker 5xx -> 502;
-a worker silent for longer than the read timeout -> 502.
+a worker silent for longer than the read timeout, a body cut short, a stream without its end marker, or
+what is not JSON -> 502.
 """
 
 from __future__ import annotations
@@ -75,10 +76,12 @@ class WorkerHTTP:
                     if done or data == _DONE:
                         done = True
                         continue
-                    event = orjson.loads(data)
+                    event = _event(data)
                     if "error" in event:
                         raise _error_from(event, status=500)
                     yield event
+                if not done:
+                    raise UpstreamError(f"The worker at {url} ended its stream before the end marker ([DONE]).")
 
     async def close(self) -> None:
         await self._session.close()
@@ -126,6 +129,16 @@ def _translated(url: str) -> Iterator[None]:
         raise UpstreamError(f"The worker at {url} failed: {exc!r}") from exc
 
 
+def _event(data: bytes) -> dict[str, Any]:
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError("The model worker streamed an event that is not JSON.") from exc
+    if not isinstance(event, dict):
+        raise UpstreamError("The model worker streamed an event that is not a JSON object.")
+    return event
+
+
 def _checked(status: int, body: bytes) -> Any:
     """The JSON of a successful response; a worker error as alignd's."""
     try:
@@ -139,9 +152,14 @@ def _checked(status: int, body: bytes) -> Any:
     raise _error_from(data, status=status)
 
 
-def _error_from(data: dict[str, Any], *, status: int) -> AligndError:
-    error = data.get("error", data)
-    message = str(error.get("message") or error.get("detail") or error)
+def _error_from(data: Any, *, status: int) -> AligndError:
+    """vLLM's error object (``{"error": {...}}``, or FastAPI's ``{"detail": ...}``); anything else as text."""
+    error = data.get("error", data) if isinstance(data, dict) else data
+    fields = error if isinstance(error, dict) else {}
+    message = str(fields.get("message") or fields.get("detail") or error)[:500]
     if 400 <= status < 500:
-        return InvalidRequestError(f"The model worker rejected the request: {message}", param=error.get("param"))
+        param = fields.get("param")
+        return InvalidRequestError(
+            f"The model worker rejected the request: {message}", param=param if isinstance(param, str) else None
+        )
     return UpstreamError(f"The model worker failed: {message}")

@@ -52,6 +52,11 @@ class Metrics:
             "alignd_requests_in_flight", "Requests being served.", ["route"], registry=self.registry,
             multiprocess_mode="livesum",
         )  # fmt: skip
+        self.loop_tasks = Gauge(
+            "alignd_event_loop_tasks", "asyncio tasks alive in the gateway's event loop when /metrics was last "
+            "answered (by that process): one that keeps growing is a leak.", registry=self.registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.methods = Counter(
             "alignd_alignment_requests", "Requests that used an alignment method.", ["method"], registry=self.registry
         )

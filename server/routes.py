@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
@@ -131,6 +132,7 @@ async def ready(registry: RegistryDep) -> JSONResponse:
 
 @ops_router.get("/metrics")
 async def metrics(metrics: MetricsDep) -> Response:
+    metrics.loop_tasks.set(len(asyncio.all_tasks()))
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
