@@ -16,6 +16,9 @@ Generated tokens are a deterministic function of the seed, the choice and the po
 ``--first-token-id`` .. ``--first-token-id + --distinct-tokens``; their text is ``" t<id>"``.
 
     python -m loadtest.mock_vllm --port 8100 --model tiny-base --tokens-per-s 50 --ttft-ms 20
+
+``MockWorker`` runs it beside a test; ``managed_mock`` is the config of a model whose workers the gateway
+launches and supervises as mocks (vLLM's command line: ``--model PATH --served-model-name NAME ...``).
 """
 
 from __future__ import annotations
@@ -322,20 +325,34 @@ class MockWorker:
         self.stop()
 
 
+def managed_mock(name: str, replicas: int = 1, **options: float | int | str) -> dict[str, Any]:
+    """The alignd config entry of a ``vllm`` model whose ``replicas`` managed workers are this mock, with
+    ``options`` as its flags (``tokens_per_s=50``); it reads the tiny models' ``base`` tokenizer."""
+    flags = [item for key, value in options.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+    command = [sys.executable, "-m", "loadtest.mock_vllm", *flags]
+    vllm = {"command": command, "replicas": replicas, "grammar_plugin": False,
+            "env": {"PYTHONPATH": str(Path(__file__).parents[1])}}  # fmt: skip
+    return {"name": name, "backend": "vllm", "path": "base", "vllm": vllm}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--model", default=DEFAULTS.model, help="the served model name")
+    parser.add_argument(
+        "--served-model-name", help="overrides --model, so the gateway can launch the mock as a managed worker"
+    )
     parser.add_argument("--max-model-len", type=int, default=DEFAULTS.max_model_len)
     parser.add_argument("--vocab-size", type=int, default=DEFAULTS.vocab_size)
     parser.add_argument("--first-token-id", type=int, default=DEFAULTS.first_token_id)
     parser.add_argument("--distinct-tokens", type=int, default=DEFAULTS.distinct_tokens)
     parser.add_argument("--tokens-per-s", type=float, default=0.0, help="per sequence when streaming (0: at once)")
     parser.add_argument("--ttft-ms", type=float, default=0.0, help="time to the first streamed token")
-    args = parser.parse_args()
-    settings = MockSettings(args.model, args.max_model_len, args.vocab_size, args.first_token_id,
-                            args.distinct_tokens, args.tokens_per_s, args.ttft_ms)  # fmt: skip
+    # A managed worker is also given vLLM's flags (--dtype, --max-logprobs, ...), which the mock ignores.
+    args, _ = parser.parse_known_args()
+    settings = MockSettings(args.served_model_name or args.model, args.max_model_len, args.vocab_size,
+                            args.first_token_id, args.distinct_tokens, args.tokens_per_s, args.ttft_ms)  # fmt: skip
     uvicorn.run(MockVLLM(settings), host=args.host, port=args.port, loop="uvloop", http="httptools",
                 access_log=False, log_level="warning", timeout_graceful_shutdown=1)  # fmt: skip
 

@@ -17,6 +17,7 @@ from decoding.pipeline import Pipeline
 from decoding.stages import Services
 from server.admission import AdmissionController
 from server.config import Settings
+from server.drain import Drain, DrainMiddleware
 from server.engines import ModelRegistry
 from server.errors import install_error_handlers
 from server.metrics import Metrics
@@ -53,6 +54,7 @@ def build_app(settings: Settings) -> FastAPI:
         # One process loads in the background, so /health answers while large models load. One of several
         # loads first: uvicorn accepts on the shared socket only after start-up, so a connection never reaches
         # a process whose models are not loaded while another's are.
+        drain.install()
         loading = asyncio.create_task(load())
         if settings.processes > 1:
             await loading
@@ -74,6 +76,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.state.registry = registry
     app.state.metrics = metrics
     app.state.admission = AdmissionController(settings.admission, metrics)
+    app.state.drain = drain = Drain(settings.drain_timeout_s)
     metrics.admission_limits.labels(limit="request_work").set(settings.limits.max_request_work)
     limits = settings.limits
     grammars = GrammarService(max_grammar_bytes=limits.max_grammar_bytes, max_trie_nodes=limits.max_trie_nodes)
@@ -92,5 +95,6 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(admin_router)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=limits.max_body_bytes)
+    app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

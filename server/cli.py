@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("alignd")
 
+# After the drain (server/drain.py), what is still running gets this long before it is cancelled.
+GRACE_AFTER_DRAIN_S = 2
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="alignd", description="Inference-time alignment decoding server.")
@@ -105,7 +108,7 @@ def _serve(config: Path | None, *, host: str | None, port: int | None) -> int:
 
     options: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "log_config": log_config,
-        "timeout_keep_alive": settings.keep_alive_s,
+        "timeout_keep_alive": settings.keep_alive_s, "timeout_graceful_shutdown": GRACE_AFTER_DRAIN_S,
     }  # fmt: skip
     if settings.processes == 1:
         from server.app import build_app

@@ -201,6 +201,13 @@ class Settings(BaseSettings):
         description="How long an idle client connection stays open. Longer than the longest Retry-After (60 s), "
         "so a client that waits as told reuses its connection instead of racing the server's close.",
     )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM, how long requests in flight (streams included) may take to finish while new ones "
+        "get a 503 `shutting_down` and `/ready` fails; then the gateway and its managed workers stop. A second "
+        "SIGTERM stops at once.",
+    )
     processes: int = Field(
         default=1,
         ge=1,

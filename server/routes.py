@@ -15,6 +15,7 @@ from decoding.grammar import GrammarService, TrieSummary
 from models.errors import EngineUnavailableError
 from server.admission import AdmissionTicket
 from server.disconnect import cancel_on_disconnect
+from server.drain import ShuttingDownError
 from server.engines import ModelRegistry
 from server.errors import RouteError, error_payload
 from server.metrics import Metrics
@@ -122,8 +123,11 @@ async def health() -> dict[str, str]:
 
 
 @ops_router.get("/ready")
-async def ready(registry: RegistryDep) -> JSONResponse:
-    """Readiness: every configured model is loaded."""
+async def ready(request: Request, registry: RegistryDep) -> JSONResponse:
+    """Readiness: every configured model is loaded, and the gateway is not draining to stop."""
+    if request.app.state.drain.draining:
+        error = ShuttingDownError("The server is shutting down.")
+        return JSONResponse(error_payload(error), status_code=error.status_code)
     if registry.ready:
         return JSONResponse({"status": "ready", "models": registry.describe()})
     reason = registry.load_error or "models are still loading"
