@@ -23,12 +23,17 @@ from models.replicas import HealthProbe
 logger = logging.getLogger(__name__)
 
 DEFAULT_COMMAND = (sys.executable, "-m", "vllm.entrypoints.openai.api_server")
+SNAPSHOT_ENV = "ALIGND_GRAMMAR_SNAPSHOT"
+SNAPSHOT_INTERVAL_ENV = "ALIGND_GRAMMAR_SNAPSHOT_INTERVAL_S"
+"""Where a managed worker's grammar plugin keeps its tries, and how often it writes them (the plugin reads
+these; they are defined here, where the gateway sets them, because models cannot import decoding)."""
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
     """What to launch for one model; ``args`` are vLLM command-line arguments, ``cpus`` the CPUs its
-    processes may run on (empty: any)."""
+    processes may run on (empty: any), ``trie_snapshots`` the directory where each replica's grammar plugin
+    keeps its ASAp tries (none: in memory only), written every ``trie_snapshot_interval_s``."""
 
     name: str
     model_path: Path
@@ -37,6 +42,8 @@ class WorkerSpec:
     env: dict[str, str] = field(default_factory=dict)
     command: tuple[str, ...] = DEFAULT_COMMAND
     cpus: tuple[int, ...] = ()
+    trie_snapshots: Path | None = None
+    trie_snapshot_interval_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +86,7 @@ class ManagedWorker:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"{spec.name}-{index}.log"
+        self.trie_snapshot = spec.trie_snapshots / f"{spec.name}-{index}.tries.json.gz" if spec.trie_snapshots else None
         self.restarts = 0
         self._probe = probe
         self._supervision = supervision
@@ -104,6 +112,16 @@ class ManagedWorker:
             "--port", str(self.port),
             *self.spec.args,
         ]  # fmt: skip
+
+    def environment(self) -> dict[str, str]:
+        """The gateway's environment, the spec's, and this replica's own snapshot file: a restarted replica
+        (or gateway) reads back the tries the replica learned, and the replicas never share one file (each
+        learns the tries of the keys routed to it)."""
+        env = {**os.environ, **self.spec.env}
+        if self.trie_snapshot is not None:
+            env[SNAPSHOT_ENV] = str(self.trie_snapshot)
+            env[SNAPSHOT_INTERVAL_ENV] = str(self.spec.trie_snapshot_interval_s)
+        return env
 
     async def start(self) -> None:
         """Launches the worker and waits until it is healthy; then keeps it running."""
@@ -135,7 +153,7 @@ class ManagedWorker:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env={**os.environ, **self.spec.env},
+                env=self.environment(),
                 start_new_session=True,
             )
         logger.info("worker started", extra={"model": self.spec.name, "pid": self._process.pid, "url": self.url})

@@ -130,14 +130,24 @@ class WorkersConfig(BaseModel):
 
 
 class TriesConfig(BaseModel):
-    """ASAp's in-process tries on disk: what ASAp learned survives a restart."""
+    """ASAp's tries on disk, the gateway's in-process ones and those in vLLM workers: what ASAp learned
+    survives a restart."""
 
     model_config = ConfigDict(extra="forbid")
 
     snapshot: Path | None = Field(
         default=None, description="Where the gateway keeps its tries (gzipped JSON); none: they live in memory only."
     )
-    snapshot_interval_s: float = Field(default=60.0, gt=0, description="How often they are written (and at exit).")
+    snapshot_interval_s: float = Field(
+        default=60.0, gt=0, description="How often they are written (and at exit); managed workers' too."
+    )
+    worker_snapshots: Path | None = Field(
+        default=None,
+        description="A directory where each managed vLLM worker with the grammar plugin keeps its tries, one file "
+        "per replica (`{model}-{replica}.tries.json.gz`), written every `snapshot_interval_s` and at SIGTERM, read "
+        "at start; none: they live in the workers' memory only. Workers given by `urls` do the same when started "
+        "with `ALIGND_GRAMMAR_SNAPSHOT=<file>` (one per replica) and `ALIGND_GRAMMAR_SNAPSHOT_INTERVAL_S`.",
+    )
 
 
 class LibraryConfig(BaseModel):
@@ -248,6 +258,8 @@ class Settings(BaseSettings):
             self.guidelines.cache_dir = self.guidelines.cache_dir.expanduser()
         if self.tries.snapshot is not None:
             self.tries.snapshot = self.tries.snapshot.expanduser()
+        if self.tries.worker_snapshots is not None:
+            self.tries.worker_snapshots = self.tries.worker_snapshots.expanduser()
         entries: list[ModelConfig | ScorerConfig] = [*self.models, *self.scorers]
         for entry in entries:
             if entry.path is not None:

@@ -6,6 +6,10 @@ nodes in preorder. It is written to a temporary file next to the target, flushed
 crash leaves the previous snapshot whole. On load, tries of a model that is not served now, or served with
 another identity, are left out; a snapshot that cannot be read (corrupt, truncated, another format) is
 ignored with a warning. A server never fails to start because of one.
+
+The gateway keeps its in-process store with ``TrieSnapshots`` (on its event loop); a vLLM worker, which has
+no loop of ours, keeps the plugin's store with ``ThreadedSnapshots`` (a daemon thread). Both write with
+``save_store`` and read with ``load_store``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -137,3 +142,64 @@ class TrieSnapshots:
                 await self.save()
             except OSError:
                 logger.exception("ASAp tries could not be saved", extra={"path": str(self.path)})
+
+
+class ThreadedSnapshots:
+    """A store's snapshot kept by a daemon thread: read at ``start``, written every ``interval_s``, at once
+    when ``flush`` wakes it, and once more at ``close``; for a process whose event loop is not ours (the
+    engine core of a vLLM worker, where the grammar plugin's store lives).
+
+    A thread, not a check on the processor's path: the gzip, JSON and fsync happen off the engine's step
+    (``save_store`` holds ``store.lock`` only to copy the tries), and an idle worker still writes what it
+    learned before going idle. A failed write is a warning: the worker goes on serving, and the previous
+    snapshot stays whole (the write is atomic).
+
+    Args:
+        identities: each served model's identity (its tokenizer's fingerprint).
+    """
+
+    def __init__(self, store: EFGStore, path: Path, interval_s: float, identities: Mapping[str, str]) -> None:
+        self.store, self.path, self.interval_s, self.identities = store, path, interval_s, dict(identities)
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._keep_writing, name="alignd-trie-snapshots", daemon=True)
+
+    def start(self) -> int:
+        """Loads the snapshot, then starts writing; returns how many tries were loaded."""
+        loaded = load_store(self.store, self.path, self.identities)
+        self._thread.start()
+        return loaded
+
+    def save(self) -> bool:
+        """Writes the store now; False (and a warning) if that failed."""
+        try:
+            count = save_store(self.store, self.path, self.identities)
+        except Exception:  # a full disk or a bad path must not end the worker's thread, let alone the worker
+            logger.warning("ASAp tries could not be saved", extra={"path": str(self.path)}, exc_info=True)
+            return False
+        logger.info("ASAp tries saved", extra={"path": str(self.path), "tries": count})
+        return True
+
+    def flush(self) -> None:
+        """Wakes the thread to write now. Safe in a signal handler: the main thread never holds the event's
+        lock, so setting it cannot deadlock."""
+        self._wake.set()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Writes once more and stops the thread (waiting up to ``timeout`` for the write)."""
+        self._closing.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        elif self._thread.ident is not None:  # started, and ended: nothing writes for us
+            self.save()
+
+    def _keep_writing(self) -> None:
+        while True:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            # Read after clearing: a ``close`` from now on leaves the event set, so one more write follows.
+            closing = self._closing.is_set()
+            self.save()
+            if closing:
+                return

@@ -14,6 +14,11 @@ in-process engine runs), one ``RequestGrammar`` per sequence; ASAp tries live in
 process and are shared by its requests (the gateway routes requests with the same trie key to
 the same replica).
 
+The tries outlive the worker when ``ALIGND_GRAMMAR_SNAPSHOT`` names a file (the gateway gives each
+managed replica its own): they are read from it when the runner builds the processor, written every
+``ALIGND_GRAMMAR_SNAPSHOT_INTERVAL_S`` (default 60) by a thread, at once when the engine core gets
+SIGTERM, and again when its process exits (see ``keep_snapshots``).
+
 A runner that loads the class twice (entry point and ``--logits-processors``) gets one active
 instance. The processor runs per sequence in Python, one row of logits at a time; it is not
 batched like vLLM's built-in structured outputs. Imports only what vLLM's image provides.
@@ -22,11 +27,15 @@ batched like vLLM's built-in structured outputs. Imports only what vLLM's image 
 from __future__ import annotations
 
 import logging
+import multiprocessing.util
 import os
+import signal
 import sys
+import threading
 import weakref
 from collections.abc import Sequence
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
@@ -36,9 +45,11 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Logi
 from decoding.grammar.compiler import GrammarCompiler, worker_grammar
 from decoding.grammar.params import GrammarParams
 from decoding.grammar.processors import grammar_processors
+from decoding.grammar.snapshots import ThreadedSnapshots
 from decoding.grammar.trie import EFGStore, trie_key
 from models.engine import LogitsProcessorList
 from models.tokenizer import Tokenizer
+from models.workers import SNAPSHOT_ENV, SNAPSHOT_INTERVAL_ENV
 
 if TYPE_CHECKING:
     import torch
@@ -73,6 +84,24 @@ class WorkerGrammars:
     def __init__(self, vllm_config: VllmConfig) -> None:
         self.model_config = vllm_config.model_config
         self.store = EFGStore(int(os.environ.get(MAX_TRIE_NODES_ENV, 1_000_000)))
+        self.snapshots = self.open_snapshots()
+
+    def open_snapshots(self) -> ThreadedSnapshots | None:
+        """The store's snapshot from the environment, loaded and kept; None without ``ALIGND_GRAMMAR_SNAPSHOT``.
+
+        Its identity is the one the gateway gives the model (its tokenizer's fingerprint), so a snapshot
+        written for another tokenizer is left out. That loads the tokenizer now, not at the first request.
+        """
+        path = os.environ.get(SNAPSHOT_ENV)
+        if not path:
+            return None
+        model = str(self.model_config.served_model_name)
+        snapshots = ThreadedSnapshots(self.store, Path(path).expanduser(),
+                                      float(os.environ.get(SNAPSHOT_INTERVAL_ENV, 60.0)),
+                                      {model: self.tokenizer.fingerprint})  # fmt: skip
+        snapshots.start()
+        keep_snapshots(snapshots)
+        return snapshots
 
     @classmethod
     def claim(cls, vllm_config: VllmConfig) -> WorkerGrammars | None:
@@ -119,6 +148,31 @@ class WorkerGrammars:
         return grammar_processors(
             compiled, vocab_size=self.compiler.vocab_size, max_tokens=max_tokens, trie=trie, lock=self.store.lock
         )
+
+
+def keep_snapshots(snapshots: ThreadedSnapshots) -> None:
+    """Writes ``snapshots`` at SIGTERM and at exit, as far as vLLM lets a plugin.
+
+    The engine core installs its own SIGTERM handler before it builds the model runner (and this plugin):
+    the handler only asks the busy loop to stop, which then shuts down, restores the default handler and
+    returns from the process's target. So the write starts at the signal, from the snapshot thread, while
+    the engine shuts down (chaining vLLM's handler, which keeps its meaning), and once more in a
+    multiprocessing finalizer, which runs when the engine-core process's target returns (for a forked or a
+    spawned process alike, where ``atexit`` only runs in spawned ones) and at the interpreter's exit in a
+    process that is not multiprocessing's child. The API server SIGTERMs the engine core again when it shuts
+    down, and that signal, arriving after the default handler is back, ends it at once: the write at the
+    signal is the one to count on. A SIGKILL writes nothing; the last periodic snapshot stays.
+    """
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGTERM)
+        if callable(previous):  # vLLM's; with none, SIGTERM keeps its default meaning and the finalizer writes
+
+            def flush_then_previous(signum: int, frame: Any) -> None:
+                snapshots.flush()
+                previous(signum, frame)
+
+            signal.signal(signal.SIGTERM, flush_then_previous)
+    multiprocessing.util.Finalize(None, snapshots.close, exitpriority=100)
 
 
 class RequestGrammar:
