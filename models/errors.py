@@ -10,6 +10,7 @@ AligndError (500, internal_error)
 │   ├── ContextLengthExceededError (400, context_length_exceeded)
 │   ├── WorkBudgetExceededError (400, work_budget_exceeded)
 │   ├── RequestTooLargeError (413, request_too_large)
+│   ├── RequestTimeoutError (408, request_timeout)
 │   └── UnsupportedParameterError (400, unsupported_parameter)
 ├── ModelNotFoundError (404, model_not_found)
 ├── OverloadedError (429, model_overloaded; sends Retry-After)
@@ -73,6 +74,13 @@ class RequestTooLargeError(InvalidRequestError):
 
     status_code = 413
     code = "request_too_large"
+
+
+class RequestTimeoutError(InvalidRequestError):
+    """The client took longer to send its request (headers or body) than the server waits."""
+
+    status_code = 408
+    code = "request_timeout"
 
 
 class WorkBudgetExceededError(InvalidRequestError):

@@ -21,7 +21,7 @@ from server.drain import Drain, DrainMiddleware
 from server.engines import ModelRegistry
 from server.errors import install_error_handlers
 from server.metrics import Metrics
-from server.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from server.middleware import BodyLimitsMiddleware, RequestContextMiddleware
 from server.routes import admin_router, openai_router, ops_router
 from server.serving_chat import ChatCompletionHandler
 from server.serving_completion import CompletionHandler
@@ -94,7 +94,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(ops_router)
     app.include_router(admin_router)
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimitsMiddleware, max_bytes=limits.max_body_bytes, read_timeout_s=settings.read_timeout_s)
     app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

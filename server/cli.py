@@ -106,8 +106,11 @@ def _serve(config: Path | None, *, host: str | None, port: int | None) -> int:
         print("alignd: model directories not found:\n  " + "\n  ".join(missing), file=sys.stderr)
         return 2
 
+    from server.http import PROTOCOL, READ_TIMEOUT_ENV
+
+    os.environ[READ_TIMEOUT_ENV] = str(settings.read_timeout_s)
     options: dict[str, Any] = {
-        "host": settings.host, "port": settings.port, "log_config": log_config,
+        "host": settings.host, "port": settings.port, "log_config": log_config, "http": PROTOCOL,
         "timeout_keep_alive": settings.keep_alive_s, "timeout_graceful_shutdown": GRACE_AFTER_DRAIN_S,
     }  # fmt: skip
     if settings.processes == 1:

@@ -211,6 +211,13 @@ class Settings(BaseSettings):
         description="How long an idle client connection stays open. Longer than the longest Retry-After (60 s), "
         "so a client that waits as told reuses its connection instead of racing the server's close.",
     )
+    read_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long a client may take to send a request's head (from connecting, or from its first "
+        "byte on a reused connection) and then its body; later is a 408 and the connection closes (slow "
+        "clients, slowloris). Connections that send nothing close after it too.",
+    )
     drain_timeout_s: float = Field(
         default=30.0,
         ge=0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -9,7 +10,7 @@ import uuid
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models.errors import RequestTooLargeError
+from models.errors import AligndError, RequestTimeoutError, RequestTooLargeError
 from models.replicas import request_affinity
 from server.errors import as_aligned_error, error_payload
 from server.logs import request_id
@@ -85,14 +86,17 @@ class RequestContextMiddleware:
         )  # fmt: skip
 
 
-class BodySizeLimitMiddleware:
-    """Refuses a body over ``max_bytes`` with a 413: at once when its ``Content-Length`` says so, else once
-    more than that has arrived (a chunked body), before any of it is parsed. A body within the bound is read
-    here, as the framework would read it anyway, and handed on whole."""
+class BodyLimitsMiddleware:
+    """Bounds a request body in size and in time, before any of it is parsed. A body over ``max_bytes`` is a
+    413: at once when its ``Content-Length`` says so, else once more than that has arrived (a chunked body).
+    A body still arriving ``read_timeout_s`` after its head is a 408 (a client trickling bytes holds a
+    connection and a request's memory). A body within both bounds is read here, as the framework would read
+    it anyway, and handed on whole."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE"):
@@ -100,18 +104,19 @@ class BodySizeLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+            await self._refuse(self._too_large(), scope, receive, send)
             return
-        body, message = bytearray(), await receive()
-        while message["type"] == "http.request":
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-            message = await receive()
-        whole: Message = {"type": "http.request", "body": bytes(body), "more_body": False}
+        try:
+            async with asyncio.timeout(self.read_timeout_s):
+                body, message = await self._read(receive)
+        except TimeoutError:
+            error = RequestTimeoutError(f"The request body did not arrive within {self.read_timeout_s:g} s.")
+            await self._refuse(error, scope, receive, send)
+            return
+        except RequestTooLargeError as exc:
+            await self._refuse(exc, scope, receive, send)
+            return
+        whole: Message = {"type": "http.request", "body": body, "more_body": False}
         pending = [whole if message["type"] == "http.request" else message]
 
         async def replay() -> Message:
@@ -119,6 +124,23 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = RequestTooLargeError(f"The request body is larger than this server reads ({self.max_bytes} bytes).")
-        await JSONResponse(error_payload(error), status_code=error.status_code)(scope, receive, send)
+    async def _read(self, receive: Receive) -> tuple[bytes, Message]:
+        """The body and the last message received (a disconnect, when the client left half way)."""
+        body, message = bytearray(), await receive()
+        while message["type"] == "http.request":
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                raise self._too_large()
+            if not message.get("more_body", False):
+                break
+            message = await receive()
+        return bytes(body), message
+
+    def _too_large(self) -> RequestTooLargeError:
+        return RequestTooLargeError(f"The request body is larger than this server reads ({self.max_bytes} bytes).")
+
+    @staticmethod
+    async def _refuse(error: AligndError, scope: Scope, receive: Receive, send: Send) -> None:
+        # The rest of the body is never read: the connection cannot carry another request.
+        response = JSONResponse(error_payload(error), status_code=error.status_code, headers={"connection": "close"})
+        await response(scope, receive, send)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -31,6 +31,9 @@ from models.errors import UNSUPPORTED, cross_field_error
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
 """Temperatures below this are greedy (vLLM's sampling epsilon): logits divided by them overflow."""
+# Every stop sequence is looked for after every token: their number and length bound that work.
+MAX_STOP_SEQUENCES = 16
+StopSequence = Annotated[str, Field(max_length=1000)]
 
 
 class OpenAIModel(BaseModel):
@@ -75,7 +78,7 @@ class _GenerationRequest(OpenAIModel):
     n: int = Field(default=1, ge=1)
     presence_penalty: float | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: StopSequence | list[StopSequence] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(default=1.0, ge=0, le=2)
@@ -95,6 +98,11 @@ class _GenerationRequest(OpenAIModel):
         """The request field that sets the token budget (errors name it)."""
         return "max_tokens"
 
+    @property
+    def grammar_param(self) -> str | None:
+        """The request field outside ``alignment`` that gave the grammar, if one did (errors about it name it)."""
+        return None
+
     @field_validator("*", mode="after")
     @classmethod
     def _reject_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
@@ -106,8 +114,8 @@ class _GenerationRequest(OpenAIModel):
     @field_validator("stop")
     @classmethod
     def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > 16:
-            raise ValueError("at most 16 stop sequences are allowed")
+        if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         return stop
 
     @property
@@ -235,6 +243,11 @@ class ChatCompletionRequest(_GenerationRequest):
     @property
     def budget_param(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
+    @property
+    def grammar_param(self) -> str | None:
+        explicit = self.alignment is not None and "grammar" in self.alignment.as_sent()
+        return "response_format" if self.response_format and not explicit else None
 
     def prompt_input(self) -> PromptInput:
         return PromptInput(messages=[message.to_template() for message in self.messages])

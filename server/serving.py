@@ -106,6 +106,11 @@ class OpenAIServing:
         except WorkBudgetExceededError:
             self.metrics.admission_rejected.labels(model=engine.info.name, reason="work_budget").inc()
             raise
+        except InvalidRequestError as exc:
+            # A grammar sent as `response_format` is refused in its own name.
+            if request.grammar_param and exc.param and exc.param.startswith("alignment.grammar"):
+                exc.param = request.grammar_param
+            raise
         self.metrics.request_work.labels(model=engine.info.name).observe(prepared.work)
         return prepared
 

@@ -81,6 +81,16 @@ CASES: list[tuple[str, str, dict[str, Any], int, str | None, str]] = [
      "prompt", "invalid_request"),
     ("huge-token-id-streamed", "completions", {"model": "tiny-base", "prompt": [2**70], "stream": True}, 400,
      "prompt", "invalid_request"),
+    # Hostile sizes: every stop string is looked for after every token, every grammar compiled.
+    ("too-many-stop-sequences", "completions", {"model": "tiny-base", "prompt": "x", "stop": ["s"] * 17}, 400,
+     "stop", "invalid_request"),
+    ("stop-sequence-too-long", "chat/completions", {"model": "tiny-chat", "messages": USER, "stop": "s" * 1001},
+     400, "stop", "invalid_request"),
+    ("grammar-too-large", "completions", {"model": "tiny-base", "prompt": "x", "alignment": {
+        "grammar": {"grammar": 'root ::= "' + "a" * 5000 + '"'}}}, 400, "alignment.grammar.grammar", "invalid_request"),
+    ("json-schema-too-large", "chat/completions", {"model": "tiny-chat", "messages": USER, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "big", "schema": {"type": "object", "properties": {
+            f"field_{i}": {"type": "string"} for i in range(400)}}}}}, 400, "response_format", "invalid_request"),
 ]  # fmt: skip
 
 

@@ -55,9 +55,7 @@ def worker_pids(gateway: LocalGateway) -> list[int]:
     return [replica["pid"] for replica in replicas]
 
 
-def test_sigterm_refuses_new_work_finishes_the_stream_then_stops_the_workers(
-    tiny_models: Path, tmp_path: Path
-) -> None:
+def test_sigterm_refuses_new_work_finishes_the_stream_then_stops_the_workers(tiny_models: Path, tmp_path: Path) -> None:
     with drained_gateway(tmp_path, tiny_models, drain_timeout_s=20) as gateway:
         workers = worker_pids(gateway)
         stream = Stream(gateway, max_tokens=3 * TOKENS_PER_S)  # 3 s

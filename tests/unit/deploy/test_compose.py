@@ -63,6 +63,12 @@ def test_the_gateway_config_loads_and_points_at_compose_services():
     assert set(gateway["depends_on"]) == {"base-worker", "chat-worker", "reward-worker"}
 
 
+def test_the_gateway_has_time_to_drain_before_it_is_killed():
+    settings = Settings.load(DEPLOY / "compose.alignd.yaml")
+    grace = compose()["services"]["gateway"]["stop_grace_period"]
+    assert re.fullmatch(r"\d+s", grace) and int(grace[:-1]) > settings.drain_timeout_s
+
+
 def test_prometheus_scrapes_existing_services():
     services = compose()["services"]
     config = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
