@@ -12,9 +12,13 @@ AligndError (500, internal_error)
 │   ├── RequestTooLargeError (413, request_too_large)
 │   ├── RequestTimeoutError (408, request_timeout)
 │   └── UnsupportedParameterError (400, unsupported_parameter)
+├── AuthenticationError (401, invalid_api_key)
+├── PermissionDeniedError (403, permission_denied)
 ├── ModelNotFoundError (404, model_not_found)
 ├── OverloadedError (429, model_overloaded; sends Retry-After)
+│   └── RateLimitExceededError (429, rate_limit_exceeded)
 ├── EngineUnavailableError (503, service_unavailable)
+│   └── StoreUnavailableError (503, store_unavailable)
 └── UpstreamError (502, upstream_error)
 """
 
@@ -95,6 +99,22 @@ class UnsupportedParameterError(InvalidRequestError):
     code = "unsupported_parameter"
 
 
+class AuthenticationError(AligndError):
+    """No API key, a malformed one, an unknown or an expired one."""
+
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(AligndError):
+    """The API key may not use what the request asks for (an alignment method)."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "permission_denied"
+
+
 class ModelNotFoundError(AligndError):
     """The requested model is not configured on this server."""
 
@@ -122,12 +142,24 @@ class OverloadedError(AligndError):
         return {"Retry-After": str(self.retry_after_s)}
 
 
+class RateLimitExceededError(OverloadedError):
+    """The API key (or, for bad keys, the client address) is over one of its limits; try again later."""
+
+    code = "rate_limit_exceeded"
+
+
 class EngineUnavailableError(AligndError):
     """The engine behind a model cannot take the request (down, shutting down)."""
 
     status_code = 503
     error_type = "service_unavailable"
     code = "engine_unavailable"
+
+
+class StoreUnavailableError(EngineUnavailableError):
+    """The shared store of keys' limits cannot be reached, and the server is configured to fail closed."""
+
+    code = "store_unavailable"
 
 
 class UpstreamError(AligndError):

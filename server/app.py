@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 from collections.abc import AsyncIterator
 
@@ -16,12 +17,14 @@ from decoding.guidelines import GuidelineRetriever
 from decoding.pipeline import Pipeline
 from decoding.stages import Services
 from server.admission import AdmissionController
+from server.auth import AuthMiddleware
 from server.config import Settings
 from server.drain import Drain, DrainMiddleware
 from server.engines import ModelRegistry
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.middleware import BodyLimitsMiddleware, RequestContextMiddleware
+from server.quotas import Quotas
 from server.routes import admin_router, openai_router, ops_router
 from server.serving_chat import ChatCompletionHandler
 from server.serving_completion import CompletionHandler
@@ -29,6 +32,7 @@ from server.serving_rewards import RewardsHandler
 
 SETTINGS_ENV = "_ALIGND_PROCESS_SETTINGS"
 """Where ``alignd serve`` leaves the settings for the gateway processes it starts (``processes`` > 1)."""
+logger = logging.getLogger(__name__)
 
 
 def app_from_environment() -> FastAPI:
@@ -95,6 +99,11 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(admin_router)
     install_error_handlers(app)
     app.add_middleware(BodyLimitsMiddleware, max_bytes=limits.max_body_bytes, read_timeout_s=settings.read_timeout_s)
+    app.state.quotas = quotas = Quotas(settings.auth, settings.state)
+    if settings.auth.enabled:
+        app.add_middleware(AuthMiddleware, auth=settings.auth, quotas=quotas)
+    else:
+        logger.warning("API keys are off: anyone who reaches this port can use every model (see `auth`)")
     app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

@@ -6,6 +6,7 @@ Environment variables take precedence over the file: ``ALIGND_PORT=9000``,
 
 from __future__ import annotations
 
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -197,6 +198,61 @@ class AdmissionConfig(BaseModel):
     queue_timeout_s: float = Field(default=30.0, gt=0, description="Longest wait for a slot; then 429.")
 
 
+class ApiKeyConfig(BaseModel):
+    """One API key: who it is, what it may use, and how much. Only the key's hash is configured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="Shown in usage, logs and metrics.")
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, hex (`alignd keys create`).")
+    admin: bool = Field(default=False, description="Sees every key's usage (and `/metrics` when it is guarded).")
+    models: list[str] | None = Field(default=None, description="Models and profiles it may use; None: all.")
+    methods: list[str] | None = Field(default=None, description="Alignment methods it may use; None: all.")
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(
+        default=None, ge=1, description="Prompt tokens plus the requested completion budget of every sample."
+    )
+    work_per_day: int | None = Field(
+        default=None, ge=1, description="Compute budget: the work units of admission control (samples x tokens x "
+        "models), summed over a day.",
+    )  # fmt: skip
+    max_concurrent: int | None = Field(default=None, ge=1, description="Requests in flight at once.")
+    expires_at: datetime | None = Field(default=None, description="After this instant the key is refused.")
+
+
+class AuthConfig(BaseModel):
+    """API keys (`Authorization: Bearer <key>`); off by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    keys: list[ApiKeyConfig] = Field(default_factory=list)
+    metrics: Literal["open", "admin"] = Field(default="open", description="`/metrics` open, or for admin keys.")
+    failed_attempts_per_minute: int = Field(
+        default=20, ge=1, description="Requests with a bad key per client address and minute; then 429."
+    )
+    store_failure: Literal["closed", "open"] = Field(
+        default="closed", description="With the shared store unreachable: refuse (503) or serve without limits."
+    )
+
+    @model_validator(mode="after")
+    def _keys_when_enabled(self) -> Self:
+        if self.enabled and not self.keys:
+            raise ValueError("`auth.enabled` needs at least one key in `auth.keys`")
+        names = [key.name for key in self.keys]
+        if len(set(names)) != len(names):
+            raise ValueError("`auth.keys` names must be unique")
+        return self
+
+
+class StateConfig(BaseModel):
+    """Where rate limits and budgets live: in this process, or in Valkey/Redis, shared by every gateway."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, pattern=r"^(redis|rediss|valkey|valkeys)://", description="None: in-process.")
+
+
 class Settings(BaseSettings):
     """Everything the gateway needs to start."""
 
@@ -245,6 +301,8 @@ class Settings(BaseSettings):
     admission: AdmissionConfig = AdmissionConfig()
     workers: WorkersConfig = WorkersConfig()
     tries: TriesConfig = TriesConfig()
+    auth: AuthConfig = AuthConfig()
+    state: StateConfig = StateConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -21,6 +21,7 @@ from decoding.uncertainty import AbstainParams
 from models.engine import Engine
 from models.errors import InvalidRequestError, ModelNotFoundError, WorkBudgetExceededError
 from server.admission import AdmissionTicket
+from server.auth import caller, charge, check_methods, check_model
 from server.engines import ModelRegistry
 from server.errors import as_aligned_error, error_payload
 from server.metrics import Metrics
@@ -85,12 +86,17 @@ class OpenAIServing:
         """Resolves the model (or profile) and checks the request's own fields; then waits for an admission
         slot of the model, and validates limits, alignment and the compute budget while running the prompt
         stage. Cheap checks come first so bad input is refused without queueing."""
+        key = caller(raw)
+        if key is not None:
+            check_model(key, request.model)
         engine, profile = self.registry.resolve(request.model)
         raw.state.model = request.model
         sampling = request.sampling_params()
         self._check_n(sampling.n)
         self._check_logprobs(engine, sampling.logprobs, param=request.logprobs_param)
         alignment = parse_alignment(request.alignment_object(), profile.alignment if profile else None)
+        if key is not None:
+            check_methods(key, alignment.methods)
         aligned = AlignedRequest(
             engine=engine,
             prompt=request.prompt_input(),
@@ -111,6 +117,8 @@ class OpenAIServing:
             if request.grammar_param and exc.param and exc.param.startswith("alignment.grammar"):
                 exc.param = request.grammar_param
             raise
+        if key is not None:
+            await charge(raw, key, prepared)
         self.metrics.request_work.labels(model=engine.info.name).observe(prepared.work)
         return prepared
 

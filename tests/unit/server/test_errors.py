@@ -27,7 +27,7 @@ def instance(cls: type[AligndError]) -> AligndError:
         return cls("Not Found", 404)
     if cls in (InternalServerError, ClientDisconnectedError):
         return cls()
-    if cls is OverloadedError:
+    if issubclass(cls, OverloadedError):
         return cls("busy", retry_after_s=3)
     return cls("something went wrong", param="field")
 

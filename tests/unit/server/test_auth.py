@@ -1,0 +1,68 @@
+"""API keys without a server: hashing, lookup, the CLI's entry, OpenAI's reset format, the store's URI."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from server.auth import KEY_PREFIX, KeyRing, bearer_token, key_hash, key_in_query, new_key
+from server.cli import main
+from server.config import ApiKeyConfig, AuthConfig, StateConfig
+from server.quotas import reset_text, storage_uri
+
+
+def test_new_keys_are_random_and_found_by_their_hash_only():
+    keys = [new_key() for _ in range(3)]
+    assert len(set(keys)) == 3 and all(key.startswith(KEY_PREFIX) and len(key) > 40 for key in keys)
+    ring = KeyRing([ApiKeyConfig(name=f"k{i}", hash=key_hash(key)) for i, key in enumerate(keys)])
+    assert [ring.find(key).name for key in keys] == ["k0", "k1", "k2"]  # type: ignore[union-attr]
+    assert ring.find(keys[0][:-1]) is None and ring.find("") is None
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [(b"Bearer sk-1", "sk-1"), (b"bearer  sk-1 ", "sk-1"), (b"Basic sk-1", None), (b"Bearer", None), (b"", None)],
+)
+def test_only_a_bearer_token_counts(header: bytes, token: str | None):
+    assert bearer_token({"headers": [(b"authorization", header)]}) == token
+
+
+@pytest.mark.parametrize(
+    ("query", "refused"),
+    [(b"api_key=x", True), (b"key=", True), (b"q=sk-alignd-abc", True), (b"stream=1", False), (b"", False)],
+)
+def test_a_key_in_the_query_string_is_recognised(query: bytes, refused: bool):
+    assert key_in_query({"query_string": query}) is refused
+
+
+def test_keys_create_prints_the_key_once_and_an_entry_holding_its_hash(capsys: pytest.CaptureFixture[str]):
+    assert main(["keys", "create", "--name", "team-a", "--models", "tiny-base", "--requests-per-minute", "10"]) == 0
+    out = capsys.readouterr().out
+    key = next(line.strip() for line in out.splitlines() if line.strip().startswith(KEY_PREFIX))
+    (entry,) = yaml.safe_load(out.split("`auth.keys`:\n", 1)[1])
+    assert entry == {"name": "team-a", "hash": key_hash(key), "models": ["tiny-base"], "requests_per_minute": 10}
+    assert AuthConfig(enabled=True, keys=[ApiKeyConfig(**entry)]).keys[0].name == "team-a"
+
+
+def test_auth_on_needs_keys_with_unique_names():
+    with pytest.raises(ValueError, match="at least one key"):
+        AuthConfig(enabled=True)
+    entry = {"name": "a", "hash": "0" * 64}
+    with pytest.raises(ValueError, match="unique"):
+        AuthConfig(keys=[ApiKeyConfig(**entry), ApiKeyConfig(**entry)])
+    with pytest.raises(ValueError):
+        ApiKeyConfig(name="a", hash="plaintext-key")
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0.02, "20ms"), (1.0, "1s"), (59.2, "1m0s"), (360, "6m0s"), (-1, "0ms")])
+def test_reset_durations_are_written_as_openai_does(seconds: float, text: str):
+    assert reset_text(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("url", "uri"),
+    [(None, "async+memory://"), ("redis://h:6379/0", "async+redis://h:6379/0"),
+     ("valkey://h:6379", "async+redis://h:6379"), ("valkeys://h:6380", "async+rediss://h:6380")],
+)  # fmt: skip
+def test_the_store_url_picks_the_limits_storage(url: str | None, uri: str):
+    assert storage_uri(StateConfig(url=url)) == uri
