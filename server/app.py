@@ -29,6 +29,7 @@ from server.routes import admin_router, openai_router, ops_router
 from server.serving_chat import ChatCompletionHandler
 from server.serving_completion import CompletionHandler
 from server.serving_rewards import RewardsHandler
+from server.usage import usage_store
 
 SETTINGS_ENV = "_ALIGND_PROCESS_SETTINGS"
 """Where ``alignd serve`` leaves the settings for the gateway processes it starts (``processes`` > 1)."""
@@ -100,8 +101,9 @@ def build_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitsMiddleware, max_bytes=limits.max_body_bytes, read_timeout_s=settings.read_timeout_s)
     app.state.quotas = quotas = Quotas(settings.auth, settings.state)
+    app.state.usage = usage = usage_store(settings.state.url, settings.auth.usage_ledger)
     if settings.auth.enabled:
-        app.add_middleware(AuthMiddleware, auth=settings.auth, quotas=quotas)
+        app.add_middleware(AuthMiddleware, auth=settings.auth, quotas=quotas, usage=usage, metrics=metrics)
     else:
         logger.warning("API keys are off: anyone who reaches this port can use every model (see `auth`)")
     app.add_middleware(DrainMiddleware, drain=drain)

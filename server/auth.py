@@ -37,12 +37,14 @@ from models.errors import (
 )
 from server.config import ApiKeyConfig, AuthConfig
 from server.errors import error_payload
+from server.metrics import Metrics
 from server.quotas import Quotas, RateLimitHeaders
+from server.usage import RequestUsage, UsageStore
 
 KEY_PREFIX = "sk-alignd-"
 OPEN_PATHS = frozenset({"/health", "/ready"})
 QUERY_KEY_NAMES = frozenset({"api_key", "api-key", "apikey", "key", "access_token", "token"})
-STATE_KEY, STATE_HEADERS = "api_key", "ratelimit_headers"
+STATE_KEY, STATE_HEADERS, STATE_PREPARED = "api_key", "ratelimit_headers", "prepared"
 
 
 def new_key() -> str:
@@ -82,11 +84,13 @@ def key_in_query(scope: Scope) -> bool:
 class AuthMiddleware:
     """Authenticates every request outside ``OPEN_PATHS`` and counts it against its key's limits."""
 
-    def __init__(self, app: ASGIApp, auth: AuthConfig, quotas: Quotas) -> None:
+    def __init__(self, app: ASGIApp, auth: AuthConfig, quotas: Quotas, usage: UsageStore, metrics: Metrics) -> None:
         self.app = app
         self.auth = auth
         self.keys = KeyRing(auth.keys)
         self.quotas = quotas
+        self.usage = usage
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self._open(scope["path"]):
@@ -139,14 +143,26 @@ class AuthMiddleware:
         return True
 
     async def _serve(self, key: ApiKeyConfig, scope: Scope, receive: Receive, send: Send) -> None:
-        headers: RateLimitHeaders = scope["state"][STATE_HEADERS]
+        """Serves the request with the key's headers, then records its usage, once, however it ended."""
+        state = scope["state"]
+        headers: RateLimitHeaders = state[STATE_HEADERS]
+        status = 500
 
         async def send_with_limits(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 MutableHeaders(scope=message).update(headers.values)
             await send(message)
 
-        await self.app(scope, receive, send_with_limits)
+        try:
+            await self.app(scope, receive, send_with_limits)
+        finally:
+            usage = RequestUsage.of(key.name, state.get("model") or "-", status, state.get(STATE_PREPARED))
+            self.metrics.key_requests.labels(key=key.name, status=str(status)).inc()
+            self.metrics.key_tokens.labels(key=key.name, kind="prompt").inc(usage.prompt_tokens)
+            self.metrics.key_tokens.labels(key=key.name, kind="completion").inc(usage.completion_tokens)
+            await self.usage.record(usage)
 
     @staticmethod
     async def _refuse(
@@ -177,6 +193,7 @@ async def charge(raw: Request, key: ApiKeyConfig, prepared: Prepared) -> None:
     """Counts a prepared request's tokens (its prompt plus every sample's budget) and its work."""
     quotas: Quotas = raw.app.state.quotas
     headers: RateLimitHeaders = getattr(raw.state, STATE_HEADERS)
+    setattr(raw.state, STATE_PREPARED, prepared)  # its meter is the request's usage when the response ends
     samples = prepared.samples + prepared.extra_samples
     tokens = len(prepared.job.prompt_ids) + samples * prepared.job.sampling.max_tokens
     await quotas.charge_tokens(key, tokens, headers)

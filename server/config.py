@@ -234,6 +234,9 @@ class AuthConfig(BaseModel):
     store_failure: Literal["closed", "open"] = Field(
         default="closed", description="With the shared store unreachable: refuse (503) or serve without limits."
     )
+    usage_ledger: Path | None = Field(
+        default=None, description="Without `state.url`: every request's usage appended here, summed at start."
+    )
 
     @model_validator(mode="after")
     def _keys_when_enabled(self) -> Self:
@@ -323,6 +326,8 @@ class Settings(BaseSettings):
             self.guidelines.cache_dir = self.guidelines.cache_dir.expanduser()
         if self.tries.snapshot is not None:
             self.tries.snapshot = self.tries.snapshot.expanduser()
+        if self.auth.usage_ledger is not None:
+            self.auth.usage_ledger = self.auth.usage_ledger.expanduser()
         if self.tries.worker_snapshots is not None:
             self.tries.worker_snapshots = self.tries.worker_snapshots.expanduser()
         entries: list[ModelConfig | ScorerConfig] = [*self.models, *self.scorers]

@@ -57,6 +57,14 @@ class Metrics:
             "answered (by that process): one that keeps growing is a leak.", registry=self.registry,
             multiprocess_mode="livesum",
         )  # fmt: skip
+        self.key_requests = Counter(
+            "alignd_key_requests", "Requests by API key (configured keys only: bounded).", ["key", "status"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.key_tokens = Counter(
+            "alignd_key_tokens", "Tokens by API key, over every model a request touched.", ["key", "kind"],
+            registry=self.registry,
+        )  # fmt: skip
         self.methods = Counter(
             "alignd_alignment_requests", "Requests that used an alignment method.", ["method"], registry=self.registry
         )

@@ -12,8 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from decoding.grammar import GrammarService, TrieSummary
-from models.errors import EngineUnavailableError
+from models.errors import EngineUnavailableError, InvalidRequestError
 from server.admission import AdmissionTicket
+from server.auth import caller
 from server.disconnect import cancel_on_disconnect
 from server.drain import ShuttingDownError
 from server.engines import ModelRegistry
@@ -31,6 +32,7 @@ from server.protocol import (
 from server.serving_chat import ChatCompletionHandler
 from server.serving_completion import CompletionHandler
 from server.serving_rewards import RewardsHandler
+from server.usage import UsageStore
 
 
 # Dependencies are async: FastAPI runs a plain `def` in a worker thread, a hop that cost more than the rest of a
@@ -92,7 +94,26 @@ async def list_models(request: Request, registry: RegistryDep) -> ModelList:
         if profile.model in engines:
             limit = engines[profile.model].info.max_model_len
             cards.append(ModelCard(id=profile.name, created=created, max_model_len=limit, root=profile.model))
+    key = caller(request)
+    if key is not None and key.models is not None:  # what a key may not use, it is not shown
+        cards = [card for card in cards if card.id in key.models]
     return ModelList(data=cards)
+
+
+class UsageReport(BaseModel):
+    object: Literal["usage"] = "usage"
+    keys: dict[str, dict[str, dict[str, int]]]
+    """Key name -> model -> requests, status_<code>, prompt_tokens, completion_tokens, engine_calls, work."""
+
+
+@openai_router.get("/usage")
+async def usage(request: Request) -> UsageReport:
+    """The caller's key's usage by model; an admin key sees every key's."""
+    key = caller(request)
+    if key is None:
+        raise InvalidRequestError("Usage is counted per API key, and this server runs without keys (`auth.enabled`).")
+    store: UsageStore = request.app.state.usage
+    return UsageReport(keys=await store.totals(None if key.admin else key.name))
 
 
 @openai_router.post("/completions", response_model=None)

@@ -233,3 +233,35 @@ def test_no_key_appears_in_any_log_line(gateways: tuple[LocalGateway, ...]):
         assert '"/v1/completions"' in logs  # the requests were logged
         for key in [*KEYS.values(), "sk-alignd-a-guess-that-might-be-logged"]:
             assert key not in logs
+
+
+def usage_of(gateway: LocalGateway, key: str) -> dict[str, Any]:
+    response = httpx.get(f"{gateway.url}/v1/usage", headers={"authorization": f"Bearer {KEYS[key]}"}, timeout=10)
+    assert response.status_code == 200, response.text
+    return dict(response.json()["keys"])
+
+
+def test_usage_is_recorded_once_per_request_in_the_shared_store(gateways: tuple[LocalGateway, ...], tmp_path: Path):
+    first, second = gateways
+    assert complete(first, KEYS["narrow"]).status_code == 200
+    assert complete(second, KEYS["narrow"]).status_code == 200
+    assert complete(first, KEYS["narrow"], **BEST_OF_4).status_code == 403
+    headers = {"authorization": f"Bearer {KEYS['narrow']}"}
+    body = {"model": "mock", "prompt": [5, 6, 7], "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", f"{second.url}/v1/completions", json=body, headers=headers, timeout=30) as stream:
+        next(stream.iter_lines())  # the first event, then the client hangs up
+    deadline = time.monotonic() + 10
+    while (usage := usage_of(first, "narrow")).get("narrow", {}).get("mock", {}).get("requests", 0) < 4:
+        assert time.monotonic() < deadline, usage
+        time.sleep(0.1)
+    mock = usage["narrow"]["mock"]
+    assert (mock["requests"], mock["status_200"], mock["status_403"]) == (4, 3, 1)
+    assert mock["prompt_tokens"] >= 3 * 3 and mock["completion_tokens"] >= 2 * 8 and mock["engine_calls"] >= 2
+    assert set(usage) == {"narrow"}  # a key sees its own usage (its calls to /v1/usage under "-")
+    assert usage_of(second, "admin")["narrow"]["mock"] == mock  # an admin sees every key's, from any gateway
+
+
+def test_a_key_lists_only_the_models_it_may_use(gateways: tuple[LocalGateway, ...]):
+    with client(gateways[0], "limited") as limited, client(gateways[0], "admin") as admin:
+        assert [m.id for m in limited.models.list().data] == ["mock"]
+        assert {m.id for m in admin.models.list().data} == {"mock", "mock-best"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -9,6 +11,7 @@ from server.auth import KEY_PREFIX, KeyRing, bearer_token, key_hash, key_in_quer
 from server.cli import main
 from server.config import ApiKeyConfig, AuthConfig, StateConfig
 from server.quotas import reset_text, storage_uri
+from server.usage import LedgerUsage, RequestUsage
 
 
 def test_new_keys_are_random_and_found_by_their_hash_only():
@@ -66,3 +69,18 @@ def test_reset_durations_are_written_as_openai_does(seconds: float, text: str):
 )  # fmt: skip
 def test_the_store_url_picks_the_limits_storage(url: str | None, uri: str):
     assert storage_uri(StateConfig(url=url)) == uri
+
+
+async def test_the_ledger_keeps_every_request_across_a_restart(tmp_path: Path):
+    ledger = tmp_path / "usage.jsonl"
+    store = LedgerUsage(ledger)
+    await store.record(RequestUsage("a", "m", 200, prompt_tokens=3, completion_tokens=5, engine_calls=1, work=40))
+    await store.record(RequestUsage("a", "m", 429))
+    await store.record(RequestUsage("b", "m", 200, prompt_tokens=1))
+    with ledger.open("a") as cut_short:  # a crash in the middle of a line
+        cut_short.write('{"key": "a", "mod')
+    reloaded = await LedgerUsage(ledger).totals("a")
+    assert reloaded == await store.totals("a")
+    assert reloaded == {"a": {"m": {"requests": 2, "status_200": 1, "status_429": 1, "prompt_tokens": 3,
+                                    "completion_tokens": 5, "engine_calls": 1, "work": 40}}}  # fmt: skip
+    assert set(await LedgerUsage(ledger).totals(None)) == {"a", "b"}
