@@ -27,6 +27,11 @@ SNAPSHOT_ENV = "ALIGND_GRAMMAR_SNAPSHOT"
 SNAPSHOT_INTERVAL_ENV = "ALIGND_GRAMMAR_SNAPSHOT_INTERVAL_S"
 """Where a managed worker's grammar plugin keeps its tries, and how often it writes them (the plugin reads
 these; they are defined here, where the gateway sets them, because models cannot import decoding)."""
+SNAPSHOT_SHUTDOWN_TIMEOUT_S = 10
+"""vLLM's ``--shutdown-timeout`` for a worker that keeps its tries. At the default (0) vLLM's API server
+SIGKILLs its engine core and model-runner processes as soon as it gets SIGTERM, before the plugin in the
+model-runner process writes what it learned since its last periodic write; with it the API server waits
+that long for them to exit. Below ``ManagedWorker.stop``'s 30 s."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +115,13 @@ class ManagedWorker:
             "--served-model-name", self.spec.served_name,
             "--host", "127.0.0.1",
             "--port", str(self.port),
+            *self.snapshot_args(),
             *self.spec.args,
         ]  # fmt: skip
+
+    def snapshot_args(self) -> tuple[str, ...]:
+        """vLLM's arguments for a replica that keeps its tries (the spec's ``args`` come after: they win)."""
+        return ("--shutdown-timeout", str(SNAPSHOT_SHUTDOWN_TIMEOUT_S)) if self.trie_snapshot is not None else ()
 
     def environment(self) -> dict[str, str]:
         """The gateway's environment, the spec's, and this replica's own snapshot file: a restarted replica

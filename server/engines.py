@@ -113,6 +113,8 @@ async def start_service(
         env=vllm.env,
         command=tuple(vllm.command) if vllm.command else DEFAULT_COMMAND,
         cpus=tuple(vllm.cpus),
+        trie_snapshots=worker_trie_snapshots(config, settings),
+        trie_snapshot_interval_s=settings.tries.snapshot_interval_s,
     )
     supervision = Supervision(
         startup_timeout_s=workers.startup_timeout_s,
@@ -121,6 +123,12 @@ async def start_service(
         health_timeout_s=workers.connect_timeout_s,
     )
     return await VLLMService.launch(spec, vllm.replicas, supervision=supervision, log_dir=workers.log_dir, **options)
+
+
+def worker_trie_snapshots(config: ModelConfig | ScorerConfig, settings: Settings) -> Path | None:
+    """Where managed workers keep ASAp tries: only generation workers run the grammar plugin (scorers
+    never do, whatever their ``grammar_plugin`` says)."""
+    return settings.tries.worker_snapshots if isinstance(config, ModelConfig) and config.vllm.grammar_plugin else None
 
 
 def build_libraries(config: GuidelinesConfig) -> dict[str, GuidelineLibrary]:

