@@ -25,7 +25,7 @@ from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.middleware import BodyLimitsMiddleware, RequestContextMiddleware
 from server.quotas import Quotas
-from server.routes import admin_router, openai_router, ops_router
+from server.routes import admin_router, openai_router, ops_router, usage_router
 from server.serving_chat import ChatCompletionHandler
 from server.serving_completion import CompletionHandler
 from server.serving_rewards import RewardsHandler
@@ -103,6 +103,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.state.quotas = quotas = Quotas(settings.auth, settings.state)
     app.state.usage = usage = usage_store(settings.state.url, settings.auth.usage_ledger)
     if settings.auth.enabled:
+        app.include_router(usage_router)
         app.add_middleware(AuthMiddleware, auth=settings.auth, quotas=quotas, usage=usage, metrics=metrics)
     else:
         logger.warning("API keys are off: anyone who reaches this port can use every model (see `auth`)")

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from decoding.grammar import GrammarService, TrieSummary
-from models.errors import EngineUnavailableError, InvalidRequestError
+from models.errors import EngineUnavailableError
 from server.admission import AdmissionTicket
 from server.auth import caller
 from server.disconnect import cancel_on_disconnect
@@ -82,6 +82,8 @@ GrammarsDep = Annotated[GrammarService, Depends(_grammars)]
 openai_router = APIRouter(prefix="/v1")
 ops_router = APIRouter()
 admin_router = APIRouter(prefix="/admin", tags=["admin"])
+usage_router = APIRouter(prefix="/v1")
+"""Usage is counted per API key: served with `auth.enabled` only."""
 
 
 @openai_router.get("/models")
@@ -106,12 +108,11 @@ class UsageReport(BaseModel):
     """Key name -> model -> requests, status_<code>, prompt_tokens, completion_tokens, engine_calls, work."""
 
 
-@openai_router.get("/usage")
+@usage_router.get("/usage")
 async def usage(request: Request) -> UsageReport:
     """The caller's key's usage by model; an admin key sees every key's."""
     key = caller(request)
-    if key is None:
-        raise InvalidRequestError("Usage is counted per API key, and this server runs without keys (`auth.enabled`).")
+    assert key is not None  # the route is served with API keys on only
     store: UsageStore = request.app.state.usage
     return UsageReport(keys=await store.totals(None if key.admin else key.name))
 
