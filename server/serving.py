@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import replace
+from typing import TypeVar
 
 import orjson
 from fastapi import Request
@@ -26,6 +27,8 @@ from server.engines import ModelRegistry
 from server.errors import as_aligned_error, error_payload
 from server.metrics import Metrics
 from server.protocol import AlignmentUsage, ChatCompletionRequest, CompletionRequest, ModelTokens, Usage
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +169,18 @@ class OpenAIServing:
             alignment = AlignmentUsage(engine_calls=meter.engine_calls, models=models)
         return Usage.of(meter.prompt_tokens, meter.completion_tokens, alignment)
 
+    async def started_events(self, model: str, prepared: Prepared) -> AsyncGenerator[StreamEvent | Usage, None]:
+        """``stream_events`` with its first event already received, before the response's 200 is sent: a
+        request that fails before it produces anything (no healthy replica, a worker that refuses it) gets
+        its error status, as unstreamed, not a 200 and an error event."""
+        events = self.stream_events(model, prepared)
+        try:
+            first = await anext(events)
+        except BaseException:
+            await events.aclose()
+            raise
+        return _prepended(first, events)
+
     async def stream_events(self, model: str, prepared: Prepared) -> AsyncGenerator[StreamEvent | Usage, None]:
         """What a stream shows, in order: the pipeline's events, then the request's usage."""
         finished: list[Candidate] = []
@@ -205,3 +220,10 @@ class OpenAIServing:
             yield DONE
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _prepended(first: T, rest: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
+    yield first
+    async with aclosing(rest) as items:
+        async for item in items:
+            yield item

@@ -9,7 +9,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 
 from decoding.base import Candidate
-from decoding.events import ChoiceFinished, TextDelta
+from decoding.events import ChoiceFinished, StreamEvent, TextDelta
 from decoding.pipeline import Prepared, details_json
 from models.engine import TokenLogprob
 from server.admission import AdmissionTicket
@@ -40,7 +40,8 @@ class ChatCompletionHandler(OpenAIServing):
         prepared = await self.prepare(raw, ticket, request)
         if request.stream:
             envelope = ChatCompletionChunk(id=new_id("chatcmpl"), created=now(), model=request.model, choices=[])
-            return self.event_stream(raw, envelope, self._chunks(request, prepared, envelope))
+            events = await self.started_events(request.model, prepared)
+            return self.event_stream(raw, envelope, self._chunks(request, prepared, envelope, events))
         result = await self.pipeline.run(prepared)
         return ChatCompletionResponse(
             id=new_id("chatcmpl"),
@@ -61,11 +62,15 @@ class ChatCompletionHandler(OpenAIServing):
         )
 
     async def _chunks(
-        self, request: ChatCompletionRequest, prepared: Prepared, envelope: ChatCompletionChunk
+        self,
+        request: ChatCompletionRequest,
+        prepared: Prepared,
+        envelope: ChatCompletionChunk,
+        events: AsyncGenerator[StreamEvent | Usage, None],
     ) -> AsyncGenerator[Chunk, None]:
         yield [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(request.n)]
-        async with aclosing(self.stream_events(request.model, prepared)) as events:
-            async for event in events:
+        async with aclosing(events) as started:
+            async for event in started:
                 match event:
                     case TextDelta(index=index, text=text, logprobs=logprobs):
                         delta = DeltaMessage(content=text) if text else DeltaMessage()

@@ -9,7 +9,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 
 from decoding.base import Candidate
-from decoding.events import ChoiceFinished, TextDelta
+from decoding.events import ChoiceFinished, StreamEvent, TextDelta
 from decoding.pipeline import PipelineResult, Prepared, details_json
 from models.engine import TokenLogprob
 from server.admission import AdmissionTicket
@@ -36,7 +36,8 @@ class CompletionHandler(OpenAIServing):
         prepared = await self.prepare(raw, ticket, request)
         if request.stream:
             envelope = CompletionResponse(id=new_id("cmpl"), created=now(), model=request.model, choices=[])
-            return self.event_stream(raw, envelope, self._chunks(request, prepared, envelope))
+            events = await self.started_events(request.model, prepared)
+            return self.event_stream(raw, envelope, self._chunks(request, prepared, envelope, events))
         result = await self.pipeline.run(prepared)
         prefix = prepared.job.prompt_text if request.echo else ""
         prompt_entries = self._prompt_entries(prepared, result) if result.prompt_logprobs else []
@@ -74,10 +75,14 @@ class CompletionHandler(OpenAIServing):
         ]
 
     async def _chunks(
-        self, request: CompletionRequest, prepared: Prepared, envelope: CompletionResponse
+        self,
+        request: CompletionRequest,
+        prepared: Prepared,
+        envelope: CompletionResponse,
+        events: AsyncGenerator[StreamEvent | Usage, None],
     ) -> AsyncGenerator[Chunk, None]:
-        async with aclosing(self.stream_events(request.model, prepared)) as events:
-            async for event in events:
+        async with aclosing(events) as started:
+            async for event in started:
                 match event:
                     case TextDelta(index=index, text=text, logprobs=records):
                         logprobs = None if records is None else completion_logprobs([(r.token, r) for r in records])

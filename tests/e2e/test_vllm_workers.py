@@ -208,6 +208,10 @@ def test_failover_503_and_recovery(vllm_gateway: LocalGateway, client: openai.Op
     with pytest.raises(openai.APIStatusError) as down:
         client.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2)
     assert down.value.status_code == 503 and time.monotonic() - started < 10
+    # Streamed too: the status says it, before any 200 (found by the chaos run: was a 200 and an error event).
+    body = {"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 2, "stream": True}
+    streamed = httpx.post(f"{vllm_gateway.url}/v1/chat/completions", json=body, timeout=10)
+    assert streamed.status_code == 503 and streamed.json()["error"]["code"] == "engine_unavailable"
 
     def recovered() -> bool:
         base = {r["url"]: r for r in replicas(vllm_gateway, "tiny-base")}[victim["url"]]
