@@ -101,7 +101,7 @@ def build_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitsMiddleware, max_bytes=limits.max_body_bytes, read_timeout_s=settings.read_timeout_s)
     app.state.quotas = quotas = Quotas(settings.auth, settings.state)
-    app.state.usage = usage = usage_store(settings.state.url, settings.auth.usage_ledger)
+    app.state.usage = usage = usage_store(settings.state, settings.auth.usage_ledger)
     if settings.auth.enabled:
         app.include_router(usage_router)
         app.add_middleware(AuthMiddleware, auth=settings.auth, quotas=quotas, usage=usage, metrics=metrics)

@@ -255,6 +255,14 @@ class StateConfig(BaseModel):
 
     url: str | None = Field(default=None, pattern=r"^(redis|rediss|valkey|valkeys)://", description="None: in-process.")
 
+    @property
+    def redis_url(self) -> str | None:
+        """``url`` as a Redis client takes it (Valkey speaks Redis's protocol: one client for both)."""
+        if self.url is None:
+            return None
+        scheme, rest = self.url.split("://", 1)
+        return f"{'rediss' if scheme in ('rediss', 'valkeys') else 'redis'}://{rest}"
+
 
 class Settings(BaseSettings):
     """Everything the gateway needs to start."""

@@ -43,11 +43,8 @@ STORE_TIMEOUT_S = 2.0
 
 
 def storage_uri(state: StateConfig) -> str:
-    """The ``limits`` storage for ``state.url`` (Valkey speaks Redis's protocol: one client for both)."""
-    if state.url is None:
-        return "async+memory://"
-    scheme, rest = state.url.split("://", 1)
-    return f"async+{'rediss' if scheme in ('rediss', 'valkeys') else 'redis'}://{rest}"
+    """The ``limits`` storage for ``state.url``."""
+    return f"async+{state.redis_url or 'memory://'}"
 
 
 def async_storage(state: StateConfig) -> Storage:

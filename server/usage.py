@@ -21,6 +21,8 @@ from redis.exceptions import RedisError
 
 from decoding.pipeline import Prepared
 from models.errors import StoreUnavailableError
+from server.config import StateConfig
+from server.quotas import STORE_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ class RedisUsage:
     """Totals as Valkey/Redis hashes ``alignd/usage/<key>/<model>``."""
 
     def __init__(self, url: str) -> None:
-        self.client = redis_asyncio.from_url(url.replace("valkey", "redis", 1), socket_timeout=2.0)
+        self.client = redis_asyncio.from_url(url, socket_timeout=STORE_TIMEOUT_S)
 
     async def record(self, usage: RequestUsage) -> None:
         try:
@@ -118,5 +120,5 @@ class RedisUsage:
         return dict(totals)
 
 
-def usage_store(url: str | None, ledger: Path | None) -> UsageStore:
-    return LedgerUsage(ledger) if url is None else RedisUsage(url)
+def usage_store(state: StateConfig, ledger: Path | None) -> UsageStore:
+    return LedgerUsage(ledger) if state.redis_url is None else RedisUsage(state.redis_url)

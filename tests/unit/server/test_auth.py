@@ -11,7 +11,7 @@ from server.auth import KEY_PREFIX, KeyRing, bearer_token, key_hash, key_in_quer
 from server.cli import main
 from server.config import ApiKeyConfig, AuthConfig, StateConfig
 from server.quotas import reset_text, storage_uri
-from server.usage import LedgerUsage, RequestUsage
+from server.usage import LedgerUsage, RedisUsage, RequestUsage, usage_store
 
 
 def test_new_keys_are_random_and_found_by_their_hash_only():
@@ -65,7 +65,8 @@ def test_reset_durations_are_written_as_openai_does(seconds: float, text: str):
 @pytest.mark.parametrize(
     ("url", "uri"),
     [(None, "async+memory://"), ("redis://h:6379/0", "async+redis://h:6379/0"),
-     ("valkey://h:6379", "async+redis://h:6379"), ("valkeys://h:6380", "async+rediss://h:6380")],
+     ("valkey://h:6379", "async+redis://h:6379"), ("valkeys://h:6380", "async+rediss://h:6380"),
+     ("redis://valkey:6379/0", "async+redis://valkey:6379/0")],
 )  # fmt: skip
 def test_the_store_url_picks_the_limits_storage(url: str | None, uri: str):
     assert storage_uri(StateConfig(url=url)) == uri
@@ -84,3 +85,11 @@ async def test_the_ledger_keeps_every_request_across_a_restart(tmp_path: Path):
     assert reloaded == {"a": {"m": {"requests": 2, "status_200": 1, "status_429": 1, "prompt_tokens": 3,
                                     "completion_tokens": 5, "engine_calls": 1, "work": 40}}}  # fmt: skip
     assert set(await LedgerUsage(ledger).totals(None)) == {"a", "b"}
+
+
+def test_the_usage_store_connects_where_the_url_says():
+    store = usage_store(StateConfig(url="valkey://valkey:6380/2"), None)
+    assert isinstance(store, RedisUsage)
+    assert {k: store.client.connection_pool.connection_kwargs[k] for k in ("host", "port", "db")} == {
+        "host": "valkey", "port": 6380, "db": 2,
+    }  # fmt: skip
