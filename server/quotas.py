@@ -25,6 +25,7 @@ from limits.aio.storage import Storage
 from limits.aio.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 from limits.storage import storage_from_string
+from limits.util import WindowStats
 
 from models.errors import RateLimitExceededError, StoreUnavailableError
 from server.config import ApiKeyConfig, AuthConfig, StateConfig
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Limiter = SlidingWindowCounterRateLimiter | FixedWindowRateLimiter
+HEADER_KINDS = frozenset({"requests", "tokens"})
+"""The limits OpenAI's ``x-ratelimit-*`` headers report."""
 
 NAMESPACE = "alignd"
 # A gateway that dies with requests in flight leaves them counted: the counter expires this long after it
@@ -64,6 +67,12 @@ def reset_text(seconds: float) -> str:
     return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
+def refusal(stats: WindowStats | None, message: str) -> RateLimitExceededError:
+    """A 429 that says when the window has room again (1 s when the store could not say)."""
+    wait_s = 1 if stats is None else max(1, math.ceil(stats.reset_time - time.time()))
+    return RateLimitExceededError(f"{message}; retry in {wait_s} s.", retry_after_s=wait_s)
+
+
 @dataclass
 class RateLimitHeaders:
     """OpenAI's ``x-ratelimit-*`` headers of one key, as far as its limits are known."""
@@ -90,9 +99,11 @@ class Quotas:
 
     async def check_address(self, address: str) -> None:
         """429 for an address that sent too many bad keys this minute (brute force)."""
-        allowed = await self._guarded(lambda: self.window.test(self.failures, NAMESPACE, "failures", address), True)
+        identifiers = (NAMESPACE, "failures", address)
+        allowed = await self._guarded(lambda: self.window.test(self.failures, *identifiers), True)
         if not allowed:
-            await self._refuse(self.window, self.failures, ("failures", address), "Too many invalid API keys")
+            stats = await self._guarded(lambda: self.window.get_window_stats(self.failures, *identifiers), None)
+            raise refusal(stats, "Too many invalid API keys")
 
     async def count_failure(self, address: str) -> None:
         await self._guarded(lambda: self.window.hit(self.failures, NAMESPACE, "failures", address), True)
@@ -135,23 +146,23 @@ class Quotas:
         cost: int,
         headers: RateLimitHeaders,
     ) -> None:
+        """Counts ``cost`` against one of ``key``'s limits; 429 when it is over. The window is read back only
+        for what tells it: the headers (requests, tokens) and a refusal's Retry-After."""
+        identifiers = (NAMESPACE, key.name, kind)
         if cost > item.amount:
-            await self._refuse(limiter, item, (key.name, kind), f"The request's {kind} ({cost}) exceed the key's limit")
-        allowed = await self._guarded(lambda: limiter.hit(item, NAMESPACE, key.name, kind, cost=cost), True)
-        stats = await self._guarded(lambda: limiter.get_window_stats(item, NAMESPACE, key.name, kind), None)
-        if stats is not None and kind != "work":
+            stats = await self._guarded(lambda: limiter.get_window_stats(item, *identifiers), None)
+            raise refusal(stats, f"The request's {kind} ({cost}) exceed the key's limit")
+        allowed = await self._guarded(lambda: limiter.hit(item, *identifiers, cost=cost), True)
+        if not allowed and isinstance(limiter, FixedWindowRateLimiter):  # it counts a refused hit too: take it back
+            counter = item.key_for(*identifiers)
+            await self._guarded(lambda: self.storage.incr(counter, item.get_expiry(), amount=-cost), 0)
+        if kind not in HEADER_KINDS and allowed:
+            return
+        stats = await self._guarded(lambda: limiter.get_window_stats(item, *identifiers), None)
+        if stats is not None and kind in HEADER_KINDS:
             headers.add(kind, item.amount, stats.remaining, stats.reset_time)
         if not allowed:
-            if isinstance(limiter, FixedWindowRateLimiter):  # it counts a refused hit too: take it back
-                counter = item.key_for(NAMESPACE, key.name, kind)
-                await self._guarded(lambda: self.storage.incr(counter, item.get_expiry(), amount=-cost), 0)
-            message = f"The key `{key.name}` is over its {kind} limit ({item})"
-            await self._refuse(limiter, item, (key.name, kind), message)
-
-    async def _refuse(self, limiter: Limiter, item: RateLimitItem, identifiers: tuple[str, ...], message: str) -> None:
-        stats = await self._guarded(lambda: limiter.get_window_stats(item, NAMESPACE, *identifiers), None)
-        wait_s = 1 if stats is None else max(1, math.ceil(stats.reset_time - time.time()))
-        raise RateLimitExceededError(f"{message}; retry in {wait_s} s.", retry_after_s=wait_s)
+            raise refusal(stats, f"The key `{key.name}` is over its {kind} limit ({item})")
 
     async def _guarded(self, call: Callable[[], Awaitable[T]], when_open: T) -> T:
         """``call`` on the store; when the store fails, a 503 (closed) or ``when_open`` (open)."""
