@@ -27,6 +27,7 @@ SNAPSHOT_ENV = "ALIGND_GRAMMAR_SNAPSHOT"
 SNAPSHOT_INTERVAL_ENV = "ALIGND_GRAMMAR_SNAPSHOT_INTERVAL_S"
 """Where a managed worker's grammar plugin keeps its tries, and how often it writes them (the plugin reads
 these; they are defined here, where the gateway sets them, because models cannot import decoding)."""
+GROUP_POLL_S = 0.1
 SNAPSHOT_SHUTDOWN_TIMEOUT_S = 10
 """vLLM's ``--shutdown-timeout`` for a worker that keeps its tries. At the default (0) vLLM's API server
 SIGKILLs its engine core and model-runner processes as soon as it gets SIGTERM, before the plugin in the
@@ -147,11 +148,17 @@ class ManagedWorker:
         if process is None or process.returncode is not None:
             return
         _signal_group(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
         try:
             await asyncio.wait_for(process.wait(), timeout)
+            # The server's own children may outlive it a moment (vLLM's model-runner process, writing its
+            # tries at exit): the worker has stopped when its whole group has.
+            while group_alive(process.pid) and time.monotonic() < deadline:
+                await asyncio.sleep(GROUP_POLL_S)
         except TimeoutError:
-            _signal_group(process.pid, signal.SIGKILL)
-            await process.wait()
+            pass
+        _signal_group(process.pid, signal.SIGKILL)
+        await process.wait()
 
     async def _spawn(self) -> None:
         if self.spec.cpus and shutil.which("taskset") is None:
@@ -214,6 +221,17 @@ class ManagedWorker:
             return self.log_path.read_text(errors="replace")[-characters:]
         except OSError:
             return ""
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies do not count: in a container without an init
+    nothing may ever reap them). Linux's /proc, where vLLM runs."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            if int(group) == pgid and state != "Z":
+                return True
+    return False
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

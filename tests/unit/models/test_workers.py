@@ -103,3 +103,35 @@ async def test_cpus_without_taskset_is_a_clear_start_error(tmp_path: Path, monke
     worker = ManagedWorker(stand_in(tmp_path, cpus=(0,)), 0, tmp_path, unused_probe, Supervision())
     with pytest.raises(WorkerStartError, match=r"`cpus` of `m` needs the `taskset` command"):
         await worker.start()
+
+
+# vLLM's model-runner process at SIGTERM: it outlives the server a moment, and writes (its tries) at exit.
+LINGERING = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: None)
+signal.pause()
+time.sleep(1.5)
+open(sys.argv[1], "w").write("written")
+"""
+# A server that starts one, in its process group, and answers /health as STAND_IN does.
+WITH_A_LINGERING_CHILD = (
+    "import os, subprocess, sys\n"
+    f"subprocess.Popen([sys.executable, '-c', {LINGERING!r}, os.environ['WRITTEN_AT']])\n" + STAND_IN
+)
+
+
+async def test_a_worker_has_stopped_when_its_whole_process_group_has(tmp_path: Path):
+    written = tmp_path / "written"
+    spec = WorkerSpec("m", tmp_path, "m", command=(sys.executable, "-c", WITH_A_LINGERING_CHILD),
+                      env={"WRITTEN_AT": str(written)})  # fmt: skip
+    http = WorkerHTTP()
+    worker = ManagedWorker(spec, 0, tmp_path, http.probe, Supervision(startup_timeout_s=30))
+    await worker.start()
+    try:
+        group = worker.pid
+        assert group is not None
+    finally:
+        await worker.stop()
+        await http.close()
+    assert written.read_text() == "written"  # the child finished its write before stop() returned
+    assert not workers.group_alive(group)
