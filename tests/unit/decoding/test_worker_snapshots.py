@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -233,6 +234,19 @@ def engine_core_stand_in(path: str, learned_after_sigterm: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def stopped_by_sigterm(process: BaseProcess, ready: Path, *, timeout: float) -> int | None:
+    """Starts ``process``, SIGTERMs it once it has touched ``ready``; its exit code."""
+    process.start()
+    try:
+        assert eventually(ready.exists, timeout=timeout)
+        assert process.pid is not None
+        os.kill(process.pid, signal.SIGTERM)
+        process.join(60)
+        return process.exitcode
+    finally:
+        process.kill()
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_an_engine_core_process_stopped_by_sigterm_leaves_its_snapshot(tmp_path: Path, method: str):
     pytest.importorskip("vllm", reason="the plugin imports vLLM")
@@ -240,15 +254,8 @@ def test_an_engine_core_process_stopped_by_sigterm_leaves_its_snapshot(tmp_path:
     path = tmp_path / "tries.json.gz"
     learned_after_sigterm = context.Event()
     process = context.Process(target=engine_core_stand_in, args=(str(path), learned_after_sigterm))
-    process.start()
-    try:
-        assert eventually(Path(str(path) + ".ready").exists, timeout=120)
-        assert process.pid is not None
-        os.kill(process.pid, signal.SIGTERM)
-        process.join(60)
-        assert process.exitcode == 0 and learned_after_sigterm.is_set()
-    finally:
-        process.kill()
+    assert stopped_by_sigterm(process, Path(str(path) + ".ready"), timeout=120) == 0
+    assert learned_after_sigterm.is_set()
     restored = read(path)  # the finalizer's write: what was learned before SIGTERM, and after it
     assert "after-sigterm" in restored
     assert {key: t for key, t in tries(restored).items() if key != "after-sigterm"} == tries(learned())
@@ -275,13 +282,5 @@ def test_a_model_runner_process_that_exits_at_sigterm_leaves_its_snapshot(tmp_pa
     pytest.importorskip("vllm", reason="the plugin imports vLLM")
     path = tmp_path / "tries.json.gz"
     process = multiprocessing.get_context("fork").Process(target=model_runner_stand_in, args=(str(path),))
-    process.start()
-    try:
-        assert eventually(Path(str(path) + ".ready").exists, timeout=60)
-        assert process.pid is not None
-        os.kill(process.pid, signal.SIGTERM)
-        process.join(60)
-        assert process.exitcode == 0
-    finally:
-        process.kill()
+    assert stopped_by_sigterm(process, Path(str(path) + ".ready"), timeout=60) == 0
     assert tries(read(path)) == tries(learned())
