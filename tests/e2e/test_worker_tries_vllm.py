@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from decoding.grammar import EFGStore
@@ -75,11 +74,6 @@ def changed(path: Path, identity: str, before: dict[str, Any], timeout: float = 
     return now
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="passes alone (104 s) but failed inside the full suite on 2026-12-04, beside the session's vLLM "
-    "workers on two cores; under investigation (issue 18 note)",
-)
 def test_a_restarted_worker_reloads_its_tries_and_learns_on_from_them(
     tiny_models: Path, embeddings_cache: Path, tmp_path: Path
 ):
