@@ -41,7 +41,7 @@ class RequestContextMiddleware:
         affinity_token = request_affinity.set(rid)
         state = scope.setdefault("state", {})
         route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
-        started = time.perf_counter()
+        started = state["started_s"] = time.perf_counter()  # the time to first token counts from here
         status = 500
         status_started = False
 

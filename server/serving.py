@@ -199,7 +199,7 @@ class OpenAIServing:
         Starlette cancels the stream when the client disconnects, which closes ``chunks`` and, through them,
         the engine calls (a vLLM worker aborts the request when its connection closes)."""
         model = getattr(request.state, "model", "")
-        started = time.perf_counter()
+        started: float = request.state.started_s  # from the request's arrival, waits for the first event included
         frame = ChunkFrame(envelope)
 
         async def events() -> AsyncIterator[bytes]:

@@ -7,12 +7,14 @@ on vLLM workers the tries live in the workers, so there the grammar cases are GC
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
 import pytest
 
 from evaluation.gateway import LocalGateway
+from tests.integration.test_admission import metric
 from tests.integration.test_grammar import YES_NO
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I pick a strong password?"}]
@@ -115,3 +117,21 @@ def test_a_grammar_cut_off_streams_as_a_length_finish_with_its_details(server: L
     """The case measured on main: streamed, it said `stop` and dropped the details."""
     (choice,), _ = answered(server, CASES["grammar-cut-off"], stream=True)
     assert choice["finish_reason"] == "length" and choice["details"]["grammar"]["complete"] is False
+
+
+def test_the_time_to_first_token_counts_from_the_request(server: LocalGateway):
+    """Best-of-4 streams its winner once all four are scored: the first token comes that late, and the
+    metric says so (it once counted from the first event, after the wait)."""
+    name = 'alignd_time_to_first_token_seconds_sum{model="tiny-base",route="/v1/completions"}'
+    before = metric(server, name)
+    body = {"model": "tiny-base", "prompt": "def f(x):", "max_tokens": 24, "seed": 3, "stream": True,
+            "alignment": {"best_of_n": {"n": 4, "reward": "rm"}}}  # fmt: skip
+    started = time.perf_counter()
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        seen_by_client = time.perf_counter() - started
+        assert "data: [DONE]" in list(lines)
+    assert first and response.status_code == 200
+    measured = metric(server, name) - before
+    assert 0.5 * seen_by_client <= measured <= seen_by_client + 0.05, (measured, seen_by_client)
