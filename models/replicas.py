@@ -4,8 +4,9 @@ Every engine call of one client request goes to the same replica (so vLLM's
 prefix cache is hit): the server sets ``request_affinity`` for the request
 and the first call binds that key to the least-loaded healthy replica.
 Calls without a key go to the least-loaded healthy replica. A background
-task checks ``/health`` of every replica; a replica that fails a check or
-a connection is taken out until a check succeeds again.
+task checks ``/health`` of every replica; a replica that fails
+``failures_to_mark_down`` checks in a row, or a connection, is taken out
+until a check succeeds again.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Replica:
     url: str
     healthy: bool = False
     in_flight: int = 0
+    failed_checks: int = 0
 
     @contextmanager
     def busy(self) -> Iterator[None]:
@@ -60,14 +62,17 @@ class ReplicaSet:
         name: the model name, for messages.
         urls: base URLs of the replicas (``http://host:port``).
         probe: checks one replica's ``/health``.
+        failures_to_mark_down: consecutive failed checks that take a healthy replica out; a busy
+            worker that answers one check late keeps serving.
     """
 
-    def __init__(self, name: str, urls: list[str], probe: HealthProbe) -> None:
+    def __init__(self, name: str, urls: list[str], probe: HealthProbe, *, failures_to_mark_down: int = 3) -> None:
         if not urls:
             raise ValueError(f"`{name}` needs at least one replica URL")
         self.name = name
         self.replicas = [Replica(url) for url in urls]
         self._probe = probe
+        self._failures_to_mark_down = failures_to_mark_down
         self._bindings: OrderedDict[str, Replica] = OrderedDict()
 
     def pick(self, key: str | None = None, *, exclude: Replica | None = None) -> Replica:
@@ -143,8 +148,12 @@ class ReplicaSet:
     async def _check_one(self, replica: Replica, timeout: float) -> None:
         problem = await self._probe(f"{replica.url}/health", timeout)
         if problem is not None:
-            self.mark_down(replica, problem)
-        elif not replica.healthy:
+            replica.failed_checks += 1
+            if replica.failed_checks >= self._failures_to_mark_down:
+                self.mark_down(replica, problem)
+            return
+        replica.failed_checks = 0
+        if not replica.healthy:
             logger.info("replica up", extra={"model": self.name, "url": replica.url})
             replica.healthy = True
 

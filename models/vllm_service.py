@@ -33,6 +33,8 @@ class VLLMService:
         urls: list[str],
         *,
         health_interval_s: float = 2.0,
+        health_timeout_s: float = 5.0,
+        health_failures: int = 3,
         connect_timeout_s: float = 3.0,
         request_timeout_s: float = 600.0,
         workers: list[ManagedWorker] | None = None,
@@ -40,9 +42,10 @@ class VLLMService:
     ) -> None:
         self.name = name
         self.http = http or WorkerHTTP(connect_timeout_s=connect_timeout_s, read_timeout_s=request_timeout_s)
-        self.replicas = ReplicaSet(name, urls, self.http.probe)
+        self.replicas = ReplicaSet(name, urls, self.http.probe, failures_to_mark_down=health_failures)
         self.workers = workers or []
         self._health_interval_s = health_interval_s
+        self._health_timeout_s = health_timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._watch: asyncio.Task[None] | None = None
 
@@ -50,7 +53,7 @@ class VLLMService:
     async def connect(cls, name: str, urls: list[str], **options: Any) -> VLLMService:
         """Existing replicas; at least one must answer ``/health`` now."""
         service = cls(name, urls, **options)
-        await service.replicas.check(timeout=service._connect_timeout_s)
+        await service.replicas.check(timeout=service._health_timeout_s)
         if not any(replica.healthy for replica in service.replicas.replicas):
             await service.close()
             raise RuntimeError(f"no replica of `{name}` is healthy: {', '.join(urls)}")
@@ -84,7 +87,7 @@ class VLLMService:
 
     def start_watching(self) -> None:
         self._watch = asyncio.create_task(
-            self.replicas.watch(self._health_interval_s, self._connect_timeout_s), name=f"health-{self.name}"
+            self.replicas.watch(self._health_interval_s, self._health_timeout_s), name=f"health-{self.name}"
         )
 
     async def get_json(self, path: str) -> Any:

@@ -118,6 +118,14 @@ class WorkersConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     health_interval_s: float = Field(default=2.0, gt=0, description="Health checks of every replica.")
+    health_timeout_s: float = Field(
+        default=5.0, gt=0, description="How long one health check waits: a busy CPU worker answers late."
+    )
+    health_failures: int = Field(
+        default=3, ge=1,
+        description="Consecutive failed health checks that take a replica out (a call that cannot reach it "
+        "takes it out at once): one late answer from a busy worker must not fail every request to it.",
+    )  # fmt: skip
     connect_timeout_s: float = Field(default=3.0, gt=0)
     request_timeout_s: float = Field(
         default=600.0, gt=0,

@@ -97,6 +97,8 @@ async def start_service(
     workers = settings.workers
     options: dict[str, Any] = {
         "health_interval_s": workers.health_interval_s,
+        "health_timeout_s": workers.health_timeout_s,
+        "health_failures": workers.health_failures,
         "connect_timeout_s": workers.connect_timeout_s,
         "request_timeout_s": workers.request_timeout_s,
     }
@@ -120,7 +122,7 @@ async def start_service(
         startup_timeout_s=workers.startup_timeout_s,
         restart_backoff_s=workers.restart_backoff_s,
         max_restart_backoff_s=workers.max_restart_backoff_s,
-        health_timeout_s=workers.connect_timeout_s,
+        health_timeout_s=workers.health_timeout_s,
     )
     return await VLLMService.launch(spec, vllm.replicas, supervision=supervision, log_dir=workers.log_dir, **options)
 

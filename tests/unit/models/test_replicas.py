@@ -36,6 +36,24 @@ async def test_health_checks_take_replicas_out_and_bring_them_back():
     assert all(r.healthy for r in replicas.replicas)
 
 
+async def test_a_healthy_replica_is_taken_out_only_after_consecutive_failed_checks():
+    late: set[str] = set()
+    replicas = ReplicaSet("m", URLS, health_probe(late), failures_to_mark_down=3)
+    await replicas.check(timeout=1)
+    late.add("http://a:1")
+    for _ in range(2):
+        await replicas.check(timeout=1)
+    assert replicas.replicas[0].healthy, "two late answers from a busy worker keep it serving"
+    late.clear()
+    await replicas.check(timeout=1)
+    late.add("http://a:1")
+    for _ in range(2):
+        await replicas.check(timeout=1)
+    assert replicas.replicas[0].healthy, "a success in between starts the count again"
+    await replicas.check(timeout=1)
+    assert not replicas.replicas[0].healthy
+
+
 async def test_unrelated_calls_go_to_the_least_loaded_replica():
     replicas = await replica_set()
     replicas.replicas[0].in_flight, replicas.replicas[1].in_flight, replicas.replicas[2].in_flight = 3, 1, 2
