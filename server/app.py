@@ -22,6 +22,7 @@ from server.config import Settings
 from server.drain import Drain, DrainMiddleware
 from server.engines import ModelRegistry
 from server.errors import install_error_handlers
+from server.keystore import key_store
 from server.metrics import Metrics
 from server.middleware import BodyLimitsMiddleware, RequestContextMiddleware
 from server.quotas import Quotas
@@ -75,6 +76,9 @@ def build_app(settings: Settings) -> FastAPI:
             if snapshots is not None:
                 await snapshots.save()
             await registry.close()
+            await usage.close()
+            if keys is not None:
+                await keys.close()
 
     app = FastAPI(title="alignd", lifespan=lifespan)
     app.state.settings = settings
@@ -102,9 +106,11 @@ def build_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimitsMiddleware, max_bytes=limits.max_body_bytes, read_timeout_s=settings.read_timeout_s)
     app.state.quotas = quotas = Quotas(settings.auth, settings.state)
     app.state.usage = usage = usage_store(settings.state, settings.auth.usage_ledger)
+    keys = key_store(settings) if settings.auth.enabled else None
     if settings.auth.enabled:
         app.include_router(usage_router)
-        app.add_middleware(AuthMiddleware, auth=settings.auth, quotas=quotas, usage=usage, metrics=metrics)
+        app.add_middleware(AuthMiddleware, auth=settings.auth, quotas=quotas, usage=usage, metrics=metrics,
+                           store=keys)  # fmt: skip
     else:
         logger.warning("API keys are off: anyone who reaches this port can use every model (see `auth`)")
     app.add_middleware(DrainMiddleware, drain=drain)

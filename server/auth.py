@@ -1,9 +1,10 @@
 """API keys: ``Authorization: Bearer <key>``, as the ``openai`` SDK sends it.
 
-Keys are random (``alignd keys create``) and only their SHA-256 is configured: a fast hash is enough for
-a 256-bit random secret (nothing to brute-force), and lets a key be found without the plaintext. A
-presented key's hash is compared with every configured hash in constant time, so neither the timing nor
-the order of the keys says how close a guess was. No key, a malformed, unknown or expired one is a 401
+Keys are random (``alignd keys create``) and only their SHA-256 is kept: a fast hash is enough for a
+256-bit random secret (nothing to brute-force), and lets a key be found without the plaintext. A presented
+key's hash is compared with every configured hash in constant time, so neither the timing nor the order of
+the keys says how close a guess was; keys managed at run time are looked up by that hash in their store
+(``server.keystore``). No key, a malformed, unknown or expired one is a 401
 ``invalid_api_key``; an address that sends too many of those in a minute gets 429s. A key in the query
 string is refused (it would end up in access logs). ``/health`` and ``/ready`` stay open, and ``/metrics``
 unless ``auth.metrics`` is ``admin``.
@@ -37,6 +38,7 @@ from models.errors import (
 )
 from server.config import ApiKeyConfig, AuthConfig
 from server.errors import error_payload
+from server.keystore import KeyStore
 from server.metrics import Metrics
 from server.quotas import Quotas, RateLimitHeaders
 from server.usage import RequestUsage, UsageStore
@@ -56,17 +58,20 @@ def key_hash(key: str) -> str:
 
 
 class KeyRing:
-    """The configured keys, found by the hash of a presented key."""
+    """The configured keys, then the store's, found by the hash of a presented key."""
 
-    def __init__(self, keys: Sequence[ApiKeyConfig]) -> None:
+    def __init__(self, keys: Sequence[ApiKeyConfig], store: KeyStore | None = None) -> None:
         self.keys = list(keys)
+        self.store = store
 
-    def find(self, presented: str) -> ApiKeyConfig | None:
+    async def find(self, presented: str) -> ApiKeyConfig | None:
         digest = key_hash(presented)
         found = None
         for key in self.keys:  # every comparison runs: the time does not depend on which key matched
             if hmac.compare_digest(key.hash, digest):
                 found = key
+        if found is None and self.store is not None:
+            found = await self.store.find(digest)
         return found
 
 
@@ -84,10 +89,18 @@ def key_in_query(scope: Scope) -> bool:
 class AuthMiddleware:
     """Authenticates every request outside ``OPEN_PATHS`` and counts it against its key's limits."""
 
-    def __init__(self, app: ASGIApp, auth: AuthConfig, quotas: Quotas, usage: UsageStore, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        auth: AuthConfig,
+        quotas: Quotas,
+        usage: UsageStore,
+        metrics: Metrics,
+        store: KeyStore | None = None,
+    ) -> None:
         self.app = app
         self.auth = auth
-        self.keys = KeyRing(auth.keys)
+        self.keys = KeyRing(auth.keys, store)
         self.quotas = quotas
         self.usage = usage
         self.metrics = metrics
@@ -117,7 +130,7 @@ class AuthMiddleware:
         address = scope["client"][0] if scope.get("client") else "unknown"
         await self.quotas.check_address(address)
         token = bearer_token(scope)
-        key = None if token is None else self.keys.find(token)
+        key = None if token is None else await self.keys.find(token)
         if key is None or (key.expires_at is not None and key.expires_at <= datetime.now(UTC)):
             await self.quotas.count_failure(address)
             reason = "No API key was sent (Authorization: Bearer <key>)" if token is None else "Invalid API key"

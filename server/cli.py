@@ -41,16 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     tiny = commands.add_parser("make-tiny-models", help="build the tiny random offline models into DIR")
     tiny.add_argument("directory", type=Path)
 
-    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
-    create = keys.add_parser("create", help="a new key: printed once, with the `auth.keys` entry that holds its hash")
-    create.add_argument("--name", required=True)
-    create.add_argument("--models", nargs="+", help="models and profiles it may use (default: all)")
-    create.add_argument("--methods", nargs="+", help="alignment methods it may use (default: all)")
-    create.add_argument("--requests-per-minute", type=int)
-    create.add_argument("--tokens-per-minute", type=int)
-    create.add_argument("--work-per-day", type=int)
-    create.add_argument("--max-concurrent", type=int)
-    create.add_argument("--admin", action="store_true")
+    _add_keys_parser(commands)
 
     arguments = sys.argv[1:] if argv is None else argv
     if arguments[:1] == ["eval"]:
@@ -64,31 +55,33 @@ def main(argv: list[str] | None = None) -> int:
         print(make_tiny_models(args.directory))
         return 0
     if args.command == "keys":
-        return _create_key(args)
+        from server.keys_cli import run_keys_command
+
+        return run_keys_command(args)
     if args.command == "make-toy-world":
         return _make_toy_world(args.directory, args.seed, force=args.force)
     return _serve(args.config, host=args.host, port=args.port)
 
 
-def _create_key(args: argparse.Namespace) -> int:
-    import yaml
-    from pydantic import ValidationError
-
-    from server.auth import key_hash, new_key
-    from server.config import ApiKeyConfig
-
-    key = new_key()
-    fields = ("name", "models", "methods", "requests_per_minute", "tokens_per_minute", "work_per_day",
-              "max_concurrent", "admin")  # fmt: skip
-    try:
-        entry = ApiKeyConfig(hash=key_hash(key), **{name: getattr(args, name) for name in fields})
-    except ValidationError as exc:
-        print(f"alignd: {exc}", file=sys.stderr)
-        return 2
-    print(f"API key (shown once; alignd keeps only its hash):\n  {key}\n")
-    print("Its entry under `auth.keys`:")
-    print(yaml.safe_dump([entry.model_dump(exclude_defaults=True)], sort_keys=False), end="")
-    return 0
+def _add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="a new key, printed once: stored (with --config) or as an entry to paste")
+    create.add_argument("--name", required=True)
+    create.add_argument("--models", nargs="+", help="models and profiles it may use (default: all)")
+    create.add_argument("--methods", nargs="+", help="alignment methods it may use (default: all)")
+    create.add_argument("--requests-per-minute", type=int)
+    create.add_argument("--tokens-per-minute", type=int)
+    create.add_argument("--work-per-day", type=int)
+    create.add_argument("--max-concurrent", type=int)
+    create.add_argument("--expires-at", help="ISO 8601 instant after which it is refused")
+    create.add_argument("--admin", action="store_true")
+    create.add_argument("--config", type=Path, help="store it in this config's key store")
+    listing = keys.add_parser("list", help="every key of a config and its store, without secrets")
+    listing.add_argument("--config", type=Path, required=True)
+    for name, text in (("revoke", "refuse a stored key from now on"), ("rotate", "a new secret for a stored key")):
+        command = keys.add_parser(name, help=text)
+        command.add_argument("name")
+        command.add_argument("--config", type=Path, required=True)
 
 
 def _make_toy_world(directory: Path, seed: int, *, force: bool) -> int:

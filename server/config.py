@@ -226,6 +226,7 @@ class ApiKeyConfig(BaseModel):
     )  # fmt: skip
     max_concurrent: int | None = Field(default=None, ge=1, description="Requests in flight at once.")
     expires_at: datetime | None = Field(default=None, description="After this instant the key is refused.")
+    created_at: datetime | None = Field(default=None, description="Set by `alignd keys create` and `rotate`.")
 
 
 class AuthConfig(BaseModel):
@@ -245,11 +246,12 @@ class AuthConfig(BaseModel):
     usage_ledger: Path | None = Field(
         default=None, description="Without `state.url`: every request's usage appended here, summed at start."
     )
+    key_file: Path | None = Field(
+        default=None, description="Without `state.url`: the keys `alignd keys create|revoke|rotate` manage (JSON)."
+    )
 
     @model_validator(mode="after")
-    def _keys_when_enabled(self) -> Self:
-        if self.enabled and not self.keys:
-            raise ValueError("`auth.enabled` needs at least one key in `auth.keys`")
+    def _unique_names(self) -> Self:
         names = [key.name for key in self.keys]
         if len(set(names)) != len(names):
             raise ValueError("`auth.keys` names must be unique")
@@ -344,6 +346,8 @@ class Settings(BaseSettings):
             self.tries.snapshot = self.tries.snapshot.expanduser()
         if self.auth.usage_ledger is not None:
             self.auth.usage_ledger = self.auth.usage_ledger.expanduser()
+        if self.auth.key_file is not None:
+            self.auth.key_file = self.auth.key_file.expanduser()
         if self.tries.worker_snapshots is not None:
             self.tries.worker_snapshots = self.tries.worker_snapshots.expanduser()
         entries: list[ModelConfig | ScorerConfig] = [*self.models, *self.scorers]
@@ -383,6 +387,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"profile `{name}` falls back to `{fallback}`, which is not a served model or profile")
             if fallbacks.get(fallback or "") is not None:
                 raise ValueError(f"profile `{name}` falls back to `{fallback}`, which falls back itself")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_when_auth_is_on(self) -> Self:
+        if self.auth.enabled and not self.auth.keys and self.state.url is None and self.auth.key_file is None:
+            raise ValueError("`auth.enabled` needs keys: `auth.keys`, or a key store (`state.url`, `auth.key_file`)")
         return self
 
     @classmethod

@@ -62,6 +62,8 @@ class UsageStore(Protocol):
         """One key's totals, or every key's (None)."""
         ...
 
+    async def close(self) -> None: ...
+
 
 class LedgerUsage:
     """Totals in this process, every request also appended to a ledger file (when one is configured)."""
@@ -70,7 +72,11 @@ class LedgerUsage:
         self.ledger = ledger
         self._totals: defaultdict[tuple[str, str], Counter[str]] = defaultdict(Counter)
         if ledger is not None and ledger.exists():
-            for line in ledger.read_text().splitlines():
+            text = ledger.read_text()
+            if text and not text.endswith("\n"):  # cut short by a crash: the next line must not join it
+                with ledger.open("a") as cut_short:
+                    cut_short.write("\n")
+            for line in text.splitlines():
                 try:
                     usage = RequestUsage(**json.loads(line))
                 except (ValueError, TypeError):  # a line cut short by a crash mid-write
@@ -90,6 +96,9 @@ class LedgerUsage:
             if key is None or name == key:
                 totals[name][model] = dict(counters)
         return dict(totals)
+
+    async def close(self) -> None:
+        """Nothing is held open: every record is flushed as it is written."""
 
 
 class RedisUsage:
@@ -118,6 +127,9 @@ class RedisUsage:
         except RedisError as exc:
             raise StoreUnavailableError("The usage store cannot be reached; retry shortly.") from exc
         return dict(totals)
+
+    async def close(self) -> None:
+        await self.client.aclose()
 
 
 def usage_store(state: StateConfig, ledger: Path | None) -> UsageStore:

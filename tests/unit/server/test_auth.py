@@ -9,17 +9,17 @@ import yaml
 
 from server.auth import KEY_PREFIX, KeyRing, bearer_token, key_hash, key_in_query, new_key
 from server.cli import main
-from server.config import ApiKeyConfig, AuthConfig, StateConfig
+from server.config import ApiKeyConfig, AuthConfig, Settings, StateConfig
 from server.quotas import reset_text, storage_uri
 from server.usage import LedgerUsage, RedisUsage, RequestUsage, usage_store
 
 
-def test_new_keys_are_random_and_found_by_their_hash_only():
+async def test_new_keys_are_random_and_found_by_their_hash_only():
     keys = [new_key() for _ in range(3)]
     assert len(set(keys)) == 3 and all(key.startswith(KEY_PREFIX) and len(key) > 40 for key in keys)
     ring = KeyRing([ApiKeyConfig(name=f"k{i}", hash=key_hash(key)) for i, key in enumerate(keys)])
-    assert [ring.find(key).name for key in keys] == ["k0", "k1", "k2"]  # type: ignore[union-attr]
-    assert ring.find(keys[0][:-1]) is None and ring.find("") is None
+    assert [(await ring.find(key)).name for key in keys] == ["k0", "k1", "k2"]  # type: ignore[union-attr]
+    assert await ring.find(keys[0][:-1]) is None and await ring.find("") is None
 
 
 @pytest.mark.parametrize(
@@ -43,13 +43,18 @@ def test_keys_create_prints_the_key_once_and_an_entry_holding_its_hash(capsys: p
     out = capsys.readouterr().out
     key = next(line.strip() for line in out.splitlines() if line.strip().startswith(KEY_PREFIX))
     (entry,) = yaml.safe_load(out.split("`auth.keys`:\n", 1)[1])
+    assert entry.pop("created_at")
     assert entry == {"name": "team-a", "hash": key_hash(key), "models": ["tiny-base"], "requests_per_minute": 10}
     assert AuthConfig(enabled=True, keys=[ApiKeyConfig(**entry)]).keys[0].name == "team-a"
 
 
 def test_auth_on_needs_keys_with_unique_names():
-    with pytest.raises(ValueError, match="at least one key"):
-        AuthConfig(enabled=True)
+    model = {"name": "m", "path": "/m"}
+    with pytest.raises(ValueError, match="needs keys"):
+        Settings(models=[model], auth={"enabled": True})
+    assert Settings(models=[model], auth={"enabled": True, "key_file": "~/keys.json"}).auth.key_file == (
+        Path.home() / "keys.json"
+    )
     entry = {"name": "a", "hash": "0" * 64}
     with pytest.raises(ValueError, match="unique"):
         AuthConfig(keys=[ApiKeyConfig(**entry), ApiKeyConfig(**entry)])
@@ -82,9 +87,10 @@ async def test_the_ledger_keeps_every_request_across_a_restart(tmp_path: Path):
         cut_short.write('{"key": "a", "mod')
     reloaded = await LedgerUsage(ledger).totals("a")
     assert reloaded == await store.totals("a")
+    await LedgerUsage(ledger).record(RequestUsage("c", "m", 200))  # after the cut line, on a line of its own
     assert reloaded == {"a": {"m": {"requests": 2, "status_200": 1, "status_429": 1, "prompt_tokens": 3,
                                     "completion_tokens": 5, "engine_calls": 1, "work": 40}}}  # fmt: skip
-    assert set(await LedgerUsage(ledger).totals(None)) == {"a", "b"}
+    assert set(await LedgerUsage(ledger).totals(None)) == {"a", "b", "c"}
 
 
 def test_the_usage_store_connects_where_the_url_says():
