@@ -59,6 +59,8 @@ class AlignedRequest:
     budget_param: str = "max_tokens"
     fallback: AlignedRequest | None = None
     """The request as ``abstain``'s fallback profile runs it, where it names one."""
+    resources: Resources | None = None
+    """The models and scorers its methods may use where not every one (an API key's); None: the pipeline's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +138,7 @@ class Pipeline:
         alignment = request.alignment
         meter = UsageMeter() if meter is None else meter
         meter.models.add(request.engine.info.name)
-        resources = MeteredResources(self.resources, meter)
+        resources = MeteredResources(request.resources or self.resources, meter)
         fallback = await self.prepare(request.fallback, meter) if request.fallback is not None else None
         samples, extra_samples = request.sampling.n, 0
         for _, params, spec in alignment.at("selection"):

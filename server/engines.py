@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -157,6 +157,25 @@ def _resolve_lazy_imports() -> None:
         getattr(transformers, name)
 
 
+def unknown_model(name: str, param: str) -> InvalidRequestError:
+    return InvalidRequestError(f"`{name}` is not a served model.", param=param)
+
+
+def unknown_scorer(name: str, param: str) -> InvalidRequestError:
+    return InvalidRequestError(f"`{name}` is not a configured reward scorer.", param=param)
+
+
+def _strings(value: object) -> set[str]:
+    """Every string in a nested structure of mappings and lists."""
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, Mapping):
+        return set().union(*map(_strings, value.values()))
+    if isinstance(value, list):
+        return set().union(*map(_strings, value))
+    return set()
+
+
 class ModelRegistry:
     """Engines, scorers and guideline libraries by name; the pipeline's ``Resources``.
 
@@ -170,6 +189,7 @@ class ModelRegistry:
         self.libraries: dict[str, GuidelineLibrary] = {}
         self._libraries_loaded = False
         self.load_error: str | None = None
+        self._profile_uses = self._uses_of_profiles()
 
     @property
     def ready(self) -> bool:
@@ -204,15 +224,29 @@ class ModelRegistry:
     def engine(self, name: str, *, param: str) -> Engine:
         """A model a method refers to (a nudger, a baseline): unknown names are the request's fault."""
         if not any(config.name == name for config in self._settings.models):
-            raise InvalidRequestError(f"`{name}` is not a served model.", param=param)
+            raise unknown_model(name, param)
         return self.get(name)
 
     def scorer(self, name: str, *, param: str) -> Scorer:
         if name in self._scorers:
             return self._scorers[name]
         if not any(config.name == name for config in self._settings.scorers):
-            raise InvalidRequestError(f"`{name}` is not a configured reward scorer.", param=param)
+            raise unknown_scorer(name, param)
         raise self._unavailable(name)
+
+    def usable_by(self, allowed: Iterable[str], model: str) -> UsableResources:
+        """What a request's methods may use when its API key may use only ``allowed`` models, profiles and
+        scorers: those, and everything the profile it names runs (when that profile is allowed)."""
+        names = frozenset(allowed)
+        return UsableResources(self, names | self._profile_uses.get(model, frozenset()) if model in names else names)
+
+    def _uses_of_profiles(self) -> dict[str, frozenset[str]]:
+        """Per profile: its model and every model, scorer and fallback profile its configured alignment names
+        (names are unique across the three, so a string in the alignment equal to one is that one)."""
+        settings = self._settings
+        names = {entry.name for group in (settings.models, settings.scorers, settings.profiles) for entry in group}
+        own = {p.name: {p.model, *(_strings(p.alignment) & names)} for p in settings.profiles}
+        return {name: frozenset(uses.union(*(own.get(use, set()) for use in uses))) for name, uses in own.items()}
 
     def _unavailable(self, name: str) -> EngineUnavailableError:
         if self.load_error is not None:
@@ -283,3 +317,22 @@ class ModelRegistry:
         self._engines.clear()
         self._scorers.clear()
         await asyncio.gather(*(entry.close() for entry in entries), return_exceptions=True)
+
+
+class UsableResources:
+    """The registry as a request sees it whose API key may use some names only: the others are unknown to it,
+    refused with the very message an unknown name gets, so the key's holder does not learn they exist."""
+
+    def __init__(self, registry: ModelRegistry, names: frozenset[str]) -> None:
+        self.registry = registry
+        self.names = names
+
+    def engine(self, name: str, *, param: str) -> Engine:
+        if name not in self.names:
+            raise unknown_model(name, param)
+        return self.registry.engine(name, param=param)
+
+    def scorer(self, name: str, *, param: str) -> Scorer:
+        if name not in self.names:
+            raise unknown_scorer(name, param)
+        return self.registry.scorer(name, param=param)

@@ -132,10 +132,12 @@ async def create_chat_completion(
 
 
 @openai_router.post("/rewards")
-async def score_rewards(body: RewardRequest, handler: RewardsHandlerDep, ticket: TicketDep) -> RewardList:
+async def score_rewards(
+    body: RewardRequest, request: Request, handler: RewardsHandlerDep, ticket: TicketDep
+) -> RewardList:
     """Rewards of (prompt, response) pairs from the server's scorers, as the methods compute them (alignd's
     extension; ``alignd eval`` measures with it)."""
-    return await handler.create(body, ticket)
+    return await handler.create(body, ticket, caller(request))
 
 
 @ops_router.get("/health")

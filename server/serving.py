@@ -23,7 +23,7 @@ from models.engine import Engine
 from models.errors import InvalidRequestError, ModelNotFoundError, WorkBudgetExceededError
 from server.admission import AdmissionTicket
 from server.auth import caller, charge, check_methods, check_model
-from server.engines import ModelRegistry
+from server.engines import ModelRegistry, UsableResources
 from server.errors import as_aligned_error, error_payload
 from server.metrics import Metrics
 from server.protocol import AlignmentUsage, ChatCompletionRequest, CompletionRequest, ModelTokens, Usage
@@ -98,8 +98,10 @@ class OpenAIServing:
         self._check_n(sampling.n)
         self._check_logprobs(engine, sampling.logprobs, param=request.logprobs_param)
         alignment = parse_alignment(request.alignment_object(), profile.alignment if profile else None)
+        usable = None
         if key is not None:
             check_methods(key, alignment.methods)
+            usable = None if key.models is None else self.registry.usable_by(key.models, request.model)
         aligned = AlignedRequest(
             engine=engine,
             prompt=request.prompt_input(),
@@ -107,8 +109,9 @@ class OpenAIServing:
             alignment=alignment,
             requested_max_tokens=request.requested_max_tokens,
             budget_param=request.budget_param,
+            resources=usable,
         )
-        aligned.fallback = self._fallback(aligned, request.logprobs_param)
+        aligned.fallback = self._fallback(aligned, request.logprobs_param, usable)
         await ticket.admit(engine.info.name)
         try:
             prepared = await self.pipeline.prepare(aligned)
@@ -125,7 +128,9 @@ class OpenAIServing:
         self.metrics.request_work.labels(model=engine.info.name).observe(prepared.work)
         return prepared
 
-    def _fallback(self, aligned: AlignedRequest, logprobs_param: str) -> AlignedRequest | None:
+    def _fallback(
+        self, aligned: AlignedRequest, logprobs_param: str, usable: UsableResources | None
+    ) -> AlignedRequest | None:
         """The request as ``abstain.fallback`` names it: that profile's model and alignment, the request's prompt
         and sampling. It runs under the request's admission slot, as a nudger does."""
         abstain = aligned.alignment.methods.get("abstain")
@@ -133,10 +138,13 @@ class OpenAIServing:
             return None
         name = abstain.fallback
         param = "alignment.abstain.fallback"
+        unknown = InvalidRequestError(f"`{name}` is not a served model or profile.", param=param)
+        if usable is not None and name not in usable.names:  # refused as if it did not exist
+            raise unknown
         try:
             engine, profile = self.registry.resolve(name)
         except ModelNotFoundError as exc:
-            raise InvalidRequestError(f"`{name}` is not a served model or profile.", param=param) from exc
+            raise unknown from exc
         alignment = parse_alignment(None, profile.alignment if profile else None)
         own = alignment.methods.get("abstain")
         if isinstance(own, AbstainParams) and own.fallback is not None:

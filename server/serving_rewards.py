@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 
-from decoding.base import Limits, base_prompt_text, prompt_token_ids
+from decoding.base import Limits, Resources, base_prompt_text, prompt_token_ids
 from models.engine import Engine, SamplingParams
 from models.errors import ContextLengthExceededError, InvalidRequestError
 from server.admission import AdmissionTicket
+from server.auth import check_model
+from server.config import ApiKeyConfig
 from server.engines import ModelRegistry
 from server.protocol import Reward, RewardInput, RewardList, RewardRequest
 
@@ -25,14 +27,21 @@ class RewardsHandler:
         self.registry = registry
         self.limits = limits
 
-    async def create(self, request: RewardRequest, ticket: AdmissionTicket) -> RewardList:
+    async def create(self, request: RewardRequest, ticket: AdmissionTicket, key: ApiKeyConfig | None) -> RewardList:
+        """Scores ``request``; with an API key that may use some models only, the scorers and the model must be
+        among them (others are refused as unknown ones are)."""
         if len(request.input) > self.limits.max_reward_inputs:
             raise InvalidRequestError(
                 f"`input` holds {len(request.input)} pairs; at most {self.limits.max_reward_inputs} are scored "
                 "per request.",
                 param="input",
             )
-        scorers = [self.registry.scorer(name, param="scorers") for name in request.scorers]
+        resources: Resources = self.registry
+        if key is not None and key.models is not None:
+            if request.model is not None:
+                check_model(key, request.model)
+            resources = self.registry.usable_by(key.models, request.model or "")
+        scorers = [resources.scorer(name, param="scorers") for name in request.scorers]
         engine = self.registry.resolve(request.model)[0] if request.model is not None else None
         prompts = [self._prompt_text(engine, item, index) for index, item in enumerate(request.input)]
         likelihoods: list[tuple[float, int]] | None = None

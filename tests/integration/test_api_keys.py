@@ -25,7 +25,10 @@ from loadtest.mock_vllm import MockWorker
 from server.auth import KEY_PREFIX, key_hash
 from server.cli import main
 
-KEYS = {name: f"sk-alignd-test-{name}-0123456789abcdef" for name in ("limited", "budget", "narrow", "admin", "old")}
+KEYS = {
+    name: f"sk-alignd-test-{name}-0123456789abcdef"
+    for name in ("limited", "budget", "narrow", "admin", "old", "profiled")
+}
 REQUESTS_PER_MINUTE = 6
 FAILED_ATTEMPTS = 8
 BEST_OF_4 = {"alignment": {"best_of_n": {"n": 4, "reward": "is-json"}}}
@@ -107,6 +110,7 @@ def shared_config(
         key_entry("narrow", methods=["grammar"]),
         key_entry("admin", admin=True),
         key_entry("old", expires_at=(datetime.now(UTC) - timedelta(days=1)).isoformat()),
+        key_entry("profiled", models=["mock-best"]),
     ]
     path = keyed_config(tmp_path_factory.mktemp("keyed-gateways"), mock, tiny_models, keys=keys, metrics="admin",
                         failed_attempts_per_minute=FAILED_ATTEMPTS)  # fmt: skip
@@ -207,6 +211,28 @@ def test_a_model_the_key_may_not_use_is_not_found(gateways: tuple[LocalGateway, 
     unknown = complete(gateways[0], KEYS["limited"], model="no-such-model")
     messages = unknown.json()["error"]["message"], response.json()["error"]["message"]
     assert messages[0].replace("no-such-model", "mock-best") == messages[1]  # nothing tells the two apart
+
+
+def test_a_scorer_the_key_may_not_use_is_unknown_to_it_unless_its_profile_runs_it(gateways: tuple[LocalGateway, ...]):
+    gateway = gateways[0]
+    inline = complete(gateway, KEYS["limited"], **BEST_OF_4)  # may use `mock`, not the scorer `is-json`
+    unknown = complete(gateway, KEYS["admin"], alignment={"best_of_n": {"n": 4, "reward": "no-such-scorer"}})
+    assert inline.status_code == unknown.status_code == 400
+    errors = inline.json()["error"], unknown.json()["error"]
+    assert errors[0]["param"] == errors[1]["param"] == "alignment.best_of_n.reward"
+    assert errors[0]["message"].replace("is-json", "no-such-scorer") == errors[1]["message"]
+    assert complete(gateway, KEYS["profiled"], model="mock-best").status_code == 200  # the profile runs it
+    assert complete(gateway, KEYS["profiled"]).status_code == 404
+
+    def rewards(key: str, **body: Any) -> httpx.Response:
+        payload = {"scorers": ["is-json"], "input": [{"prompt": "p", "response": "{}"}], **body}
+        headers = {"authorization": f"Bearer {KEYS[key]}"}
+        return httpx.post(f"{gateway.url}/v1/rewards", json=payload, headers=headers, timeout=30)
+
+    assert rewards("admin").status_code == 200
+    refused = rewards("limited")
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "scorers"
+    assert rewards("limited", model="mock-best").status_code == 404
 
 
 def test_a_method_the_key_may_not_use_is_a_403_naming_it(gateways: tuple[LocalGateway, ...]):
