@@ -71,6 +71,8 @@ class LedgerUsage:
     def __init__(self, ledger: Path | None) -> None:
         self.ledger = ledger
         self._totals: defaultdict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+        if ledger is not None:
+            ledger.parent.mkdir(parents=True, exist_ok=True)
         if ledger is not None and ledger.exists():
             text = ledger.read_text()
             if text and not text.endswith("\n"):  # cut short by a crash: the next line must not join it

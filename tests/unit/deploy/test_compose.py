@@ -26,7 +26,7 @@ def compose() -> dict[str, Any]:
 def test_compose_file_follows_the_compose_specification():
     parsed = PyCompose.from_yaml(yaml.safe_dump(compose()))
     assert set(parsed.service_names()) == {
-        "gateway", "base-worker", "chat-worker", "reward-worker", "prometheus", "grafana"
+        "gateway", "base-worker", "chat-worker", "reward-worker", "valkey", "prometheus", "grafana"
     }  # fmt: skip
 
 
@@ -60,7 +60,16 @@ def test_the_gateway_config_loads_and_points_at_compose_services():
         assert parsed.hostname in services and parsed.port == 8000
     gateway = services["gateway"]
     assert any(volume.startswith("./compose.alignd.yaml:") for volume in gateway["volumes"])
-    assert set(gateway["depends_on"]) == {"base-worker", "chat-worker", "reward-worker"}
+    assert set(gateway["depends_on"]) == {"base-worker", "chat-worker", "reward-worker", "valkey"}
+
+
+def test_the_gateway_needs_keys_kept_in_the_persistent_valkey_service():
+    settings = Settings.load(DEPLOY / "compose.alignd.yaml")
+    assert settings.auth.enabled and settings.state.url is not None
+    valkey = compose()["services"]["valkey"]
+    assert urlparse(settings.state.url).hostname == "valkey" and "ports" not in valkey
+    assert valkey["command"][valkey["command"].index("--appendonly") + 1] == "yes"
+    assert any(volume.endswith(":/data") for volume in valkey["volumes"])
 
 
 def test_the_gateway_has_time_to_drain_before_it_is_killed():

@@ -78,7 +78,7 @@ def test_the_store_url_picks_the_limits_storage(url: str | None, uri: str):
 
 
 async def test_the_ledger_keeps_every_request_across_a_restart(tmp_path: Path):
-    ledger = tmp_path / "usage.jsonl"
+    ledger = tmp_path / "state" / "usage.jsonl"  # its directory is made
     store = LedgerUsage(ledger)
     await store.record(RequestUsage("a", "m", 200, prompt_tokens=3, completion_tokens=5, engine_calls=1, work=40))
     await store.record(RequestUsage("a", "m", 429))
