@@ -11,7 +11,7 @@ from decoding.base import Resources
 from models.engine import Completion, Engine, EngineInfo, Prompt, SampleDelta, SamplingParams
 
 if TYPE_CHECKING:
-    from models.scorers import Scorer
+    from models.scorers import ScoredPair, Scorer
     from models.tokenizer import Tokenizer
 
 
@@ -27,6 +27,8 @@ class UsageMeter:
 
     by_model: dict[str, ModelUsage] = field(default_factory=dict)
     engine_calls: int = 0
+    reward_calls: int = 0
+    """Calls to reward scorers (each scores a batch of responses)."""
     models: set[str] = field(default_factory=set)
     """Every engine and scorer the request resolved, known before any work."""
 
@@ -90,6 +92,22 @@ class MeteredEngine:
         return None
 
 
+class MeteredScorer:
+    """A reward scorer whose calls are counted into a request's ``UsageMeter``."""
+
+    def __init__(self, scorer: Scorer, meter: UsageMeter) -> None:
+        self.scorer = scorer
+        self.meter = meter
+        self.name = scorer.name
+
+    async def score(self, pairs: Sequence[ScoredPair]) -> list[float]:
+        self.meter.reward_calls += 1
+        return await self.scorer.score(pairs)
+
+    async def close(self) -> None:
+        return None
+
+
 class MeteredResources:
     """Resources whose engines count into one request's meter."""
 
@@ -103,6 +121,6 @@ class MeteredResources:
         return engine
 
     def scorer(self, name: str, *, param: str) -> Scorer:
-        scorer = self._resources.scorer(name, param=param)
+        scorer = MeteredScorer(self._resources.scorer(name, param=param), self.meter)
         self.meter.models.add(name)
         return scorer

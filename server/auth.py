@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from decoding.pipeline import Prepared
+from decoding.usage import UsageMeter
 from models.errors import (
     AligndError,
     AuthenticationError,
@@ -46,7 +47,7 @@ from server.usage import RequestUsage, UsageStore
 KEY_PREFIX = "sk-alignd-"
 OPEN_PATHS = frozenset({"/health", "/ready"})
 QUERY_KEY_NAMES = frozenset({"api_key", "api-key", "apikey", "key", "access_token", "token"})
-STATE_KEY, STATE_HEADERS, STATE_PREPARED = "api_key", "ratelimit_headers", "prepared"
+STATE_KEY, STATE_HEADERS, STATE_METER, STATE_WORK = "api_key", "ratelimit_headers", "usage_meter", "work"
 
 
 def new_key() -> str:
@@ -171,7 +172,8 @@ class AuthMiddleware:
         try:
             await self.app(scope, receive, send_with_limits)
         finally:
-            usage = RequestUsage.of(key.name, state.get("model") or "-", status, state.get(STATE_PREPARED))
+            usage = RequestUsage.of(key.name, state.get("model") or "-", status, state.get(STATE_METER),
+                                    state.get(STATE_WORK, 0))  # fmt: skip
             self.metrics.key_requests.labels(key=key.name, status=str(status)).inc()
             self.metrics.key_tokens.labels(key=key.name, kind="prompt").inc(usage.prompt_tokens)
             self.metrics.key_tokens.labels(key=key.name, kind="completion").inc(usage.completion_tokens)
@@ -202,11 +204,17 @@ def check_methods(key: ApiKeyConfig, methods: Iterable[str]) -> None:
             raise PermissionDeniedError(f"The key `{key.name}` may not use `{method}`.", param=f"alignment.{method}")
 
 
+def meter_usage(raw: Request, meter: UsageMeter, work: int) -> None:
+    """What the request's key is charged when its response has ended: the meter's count by then, and ``work``."""
+    setattr(raw.state, STATE_METER, meter)
+    setattr(raw.state, STATE_WORK, work)
+
+
 async def charge(raw: Request, key: ApiKeyConfig, prepared: Prepared) -> None:
     """Counts a prepared request's tokens (its prompt plus every sample's budget) and its work."""
     quotas: Quotas = raw.app.state.quotas
     headers: RateLimitHeaders = getattr(raw.state, STATE_HEADERS)
-    setattr(raw.state, STATE_PREPARED, prepared)  # its meter is the request's usage when the response ends
+    meter_usage(raw, prepared.meter, prepared.work)
     samples = prepared.samples + prepared.extra_samples
     tokens = len(prepared.job.prompt_ids) + samples * prepared.job.sampling.max_tokens
     await quotas.charge_tokens(key, tokens, headers)

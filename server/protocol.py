@@ -286,6 +286,7 @@ class AlignmentUsage(BaseModel):
     """Where a request's tokens went: what a cost comparison of alignment methods needs."""
 
     engine_calls: int = Field(description="Engine calls over every model the request used.")
+    reward_calls: int = Field(default=0, description="Calls to reward scorers (each scores a batch of responses).")
     models: dict[str, ModelTokens] = Field(description="Tokens per model (a model's prompt counts once per call).")
 
 

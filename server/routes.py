@@ -12,9 +12,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from decoding.grammar import GrammarService, TrieSummary
+from decoding.usage import UsageMeter
 from models.errors import EngineUnavailableError
 from server.admission import AdmissionTicket
-from server.auth import caller
+from server.auth import caller, meter_usage
 from server.disconnect import cancel_on_disconnect
 from server.drain import ShuttingDownError
 from server.engines import ModelRegistry
@@ -105,7 +106,8 @@ async def list_models(request: Request, registry: RegistryDep) -> ModelList:
 class UsageReport(BaseModel):
     object: Literal["usage"] = "usage"
     keys: dict[str, dict[str, dict[str, int]]]
-    """Key name -> model -> requests, status_<code>, prompt_tokens, completion_tokens, engine_calls, work."""
+    """Key name -> model -> requests, status_<code>, prompt_tokens, completion_tokens, engine_calls, reward_calls,
+    work."""
 
 
 @usage_router.get("/usage")
@@ -137,7 +139,10 @@ async def score_rewards(
 ) -> RewardList:
     """Rewards of (prompt, response) pairs from the server's scorers, as the methods compute them (alignd's
     extension; ``alignd eval`` measures with it)."""
-    return await handler.create(body, ticket, caller(request))
+    meter = UsageMeter()
+    meter_usage(request, meter, work=0)
+    request.state.model = body.model
+    return await handler.create(body, ticket, caller(request), meter)
 
 
 @ops_router.get("/health")

@@ -174,7 +174,7 @@ class OpenAIServing:
         if prepared.request.alignment.return_details:
             models = {name: ModelTokens(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens)
                       for name, u in meter.by_model.items()}  # fmt: skip
-            alignment = AlignmentUsage(engine_calls=meter.engine_calls, models=models)
+            alignment = AlignmentUsage(engine_calls=meter.engine_calls, reward_calls=meter.reward_calls, models=models)
         return Usage.of(meter.prompt_tokens, meter.completion_tokens, alignment)
 
     async def started_events(self, model: str, prepared: Prepared) -> AsyncGenerator[StreamEvent | Usage, None]:

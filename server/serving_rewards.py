@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from decoding.base import Limits, Resources, base_prompt_text, prompt_token_ids
+from decoding.usage import MeteredEngine, MeteredResources, UsageMeter
 from models.engine import Engine, SamplingParams
 from models.errors import ContextLengthExceededError, InvalidRequestError
 from server.admission import AdmissionTicket
@@ -27,9 +28,11 @@ class RewardsHandler:
         self.registry = registry
         self.limits = limits
 
-    async def create(self, request: RewardRequest, ticket: AdmissionTicket, key: ApiKeyConfig | None) -> RewardList:
-        """Scores ``request``; with an API key that may use some models only, the scorers and the model must be
-        among them (others are refused as unknown ones are)."""
+    async def create(
+        self, request: RewardRequest, ticket: AdmissionTicket, key: ApiKeyConfig | None, meter: UsageMeter
+    ) -> RewardList:
+        """Scores ``request``, counting its scorer and engine calls into ``meter``; with an API key that may use
+        some models only, the scorers and the model must be among them (others are refused as unknown ones are)."""
         if len(request.input) > self.limits.max_reward_inputs:
             raise InvalidRequestError(
                 f"`input` holds {len(request.input)} pairs; at most {self.limits.max_reward_inputs} are scored "
@@ -41,8 +44,9 @@ class RewardsHandler:
             if request.model is not None:
                 check_model(key, request.model)
             resources = self.registry.usable_by(key.models, request.model or "")
-        scorers = [resources.scorer(name, param="scorers") for name in request.scorers]
-        engine = self.registry.resolve(request.model)[0] if request.model is not None else None
+        metered = MeteredResources(resources, meter)
+        scorers = [metered.scorer(name, param="scorers") for name in request.scorers]
+        engine = MeteredEngine(self.registry.resolve(request.model)[0], meter) if request.model is not None else None
         prompts = [self._prompt_text(engine, item, index) for index, item in enumerate(request.input)]
         likelihoods: list[tuple[float, int]] | None = None
         if engine is not None:

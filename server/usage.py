@@ -1,4 +1,5 @@
-"""What each API key used, per model: requests by status, prompt and completion tokens, engine calls, work.
+"""What each API key used, per model: requests by status, prompt and completion tokens, engine and reward-scorer
+calls, work.
 
 A request's usage is recorded once, when its response has ended (a stream's last byte, or the client's
 hang-up: then what its engine calls had reported by then), by ``server.auth.AuthMiddleware``. With
@@ -19,7 +20,7 @@ from typing import Protocol
 import redis.asyncio as redis_asyncio
 from redis.exceptions import RedisError
 
-from decoding.pipeline import Prepared
+from decoding.usage import UsageMeter
 from models.errors import StoreUnavailableError
 from server.config import StateConfig
 from server.quotas import STORE_TIMEOUT_S
@@ -39,19 +40,21 @@ class RequestUsage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     engine_calls: int = 0
+    reward_calls: int = 0
     work: int = 0
 
     @classmethod
-    def of(cls, key: str, model: str, status: int, prepared: Prepared | None) -> RequestUsage:
-        if prepared is None:  # refused before any work
+    def of(cls, key: str, model: str, status: int, meter: UsageMeter | None, work: int) -> RequestUsage:
+        if meter is None:  # refused before any work
             return cls(key, model, status)
-        meter = prepared.meter
-        return cls(key, model, status, meter.prompt_tokens, meter.completion_tokens, meter.engine_calls, prepared.work)
+        return cls(key, model, status, meter.prompt_tokens, meter.completion_tokens, meter.engine_calls,
+                   meter.reward_calls, work)  # fmt: skip
 
     def counters(self) -> dict[str, int]:
         return {
             "requests": 1, f"status_{self.status}": 1, "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens, "engine_calls": self.engine_calls, "work": self.work,
+            "completion_tokens": self.completion_tokens, "engine_calls": self.engine_calls,
+            "reward_calls": self.reward_calls, "work": self.work,
         }  # fmt: skip
 
 

@@ -229,7 +229,9 @@ def test_a_scorer_the_key_may_not_use_is_unknown_to_it_unless_its_profile_runs_i
         headers = {"authorization": f"Bearer {KEYS[key]}"}
         return httpx.post(f"{gateway.url}/v1/rewards", json=payload, headers=headers, timeout=30)
 
+    before = usage_of(gateway, "admin").get("admin", {}).get("-", {}).get("reward_calls", 0)
     assert rewards("admin").status_code == 200
+    assert usage_of(gateway, "admin")["admin"]["-"]["reward_calls"] == before + 1
     refused = rewards("limited")
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "scorers"
     assert rewards("limited", model="mock-best").status_code == 404
@@ -310,6 +312,7 @@ def test_usage_is_recorded_once_per_request_in_the_shared_store(gateways: tuple[
     mock = usage["narrow"]["mock"]
     assert (mock["requests"], mock["status_200"], mock["status_403"]) == (4, 3, 1)
     assert mock["prompt_tokens"] >= 3 * 3 and mock["completion_tokens"] >= 2 * 8 and mock["engine_calls"] >= 2
+    assert mock["reward_calls"] == 0
     assert set(usage) == {"narrow"}  # a key sees its own usage (its calls to /v1/usage under "-")
     assert usage_of(second, "admin")["narrow"]["mock"] == mock  # an admin sees every key's, from any gateway
 
@@ -365,3 +368,4 @@ def test_usage_in_the_ledger_survives_a_gateway_crash(
     with LocalGateway(config, tmp_path / "after.log") as restarted:
         assert usage(restarted) == before
         assert (before["status_200"], before["work"]) == (3, WORK_OF_BEST_OF_4 + 8 + 200)
+        assert before["reward_calls"] == 1, "best-of-4 scores its candidates in one call"

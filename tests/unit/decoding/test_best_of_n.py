@@ -72,7 +72,7 @@ async def test_one_engine_call_with_n_and_one_batched_scoring_call():
     result = await run(pipe, engine, {"best_of_n": {"n": 8, "reward": "rm"}})
     assert [params.n for params in engine.calls] == [8]
     assert scorer.batches == [8]
-    assert result.meter.engine_calls == 1
+    assert (result.meter.engine_calls, result.meter.reward_calls) == (1, 1)
     assert result.meter.completion_tokens == 8  # every candidate is paid for
 
 

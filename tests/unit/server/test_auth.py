@@ -88,8 +88,9 @@ async def test_the_ledger_keeps_every_request_across_a_restart(tmp_path: Path):
     reloaded = await LedgerUsage(ledger).totals("a")
     assert reloaded == await store.totals("a")
     await LedgerUsage(ledger).record(RequestUsage("c", "m", 200))  # after the cut line, on a line of its own
-    assert reloaded == {"a": {"m": {"requests": 2, "status_200": 1, "status_429": 1, "prompt_tokens": 3,
-                                    "completion_tokens": 5, "engine_calls": 1, "work": 40}}}  # fmt: skip
+    counts = {"requests": 2, "status_200": 1, "status_429": 1, "prompt_tokens": 3, "completion_tokens": 5,
+              "engine_calls": 1, "reward_calls": 0, "work": 40}  # fmt: skip
+    assert reloaded == {"a": {"m": counts}}
     assert set(await LedgerUsage(ledger).totals(None)) == {"a", "b", "c"}
 
 
