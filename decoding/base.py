@@ -40,7 +40,8 @@ class Limits(BaseModel):
     max_request_work: int = Field(
         default=262_144,
         ge=1,
-        description="Compute budget of one request: samples x max_tokens x models (generating engines and scorers).",
+        description="Compute budget of one request: samples x max_tokens x models (generating engines and scorers), "
+        "plus every answer's token-guided work (Transfer-Q*'s rollouts, GenARM's candidates).",
     )
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest request body read; larger ones are a 413."
@@ -138,6 +139,11 @@ class Strategy(Protocol):
 
     def check(self, job: GenerationJob) -> None:
         """Refuses, before any generation, what this strategy cannot do for the job (a 400)."""
+        ...
+
+    def work(self, job: GenerationJob) -> int:
+        """Work units per answer beyond sampling the job's tokens from each model it uses: a token-guided
+        method's decision steps (Transfer-Q*'s rollouts, say); 0 for the others."""
         ...
 
     async def generate(self, job: GenerationJob, n: int) -> Generation: ...

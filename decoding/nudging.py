@@ -317,6 +317,9 @@ class NudgingStrategy:
     def check(self, job: GenerationJob) -> None:
         return None
 
+    def work(self, job: GenerationJob) -> int:
+        return 0
+
     async def generate(self, job: GenerationJob, n: int) -> Generation:
         prompt = job.prompt
         messages = prompt.messages or [{"role": "user", "content": prompt.text or ""}]

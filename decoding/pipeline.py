@@ -79,15 +79,22 @@ class Prepared:
     """Samples of the base besides the strategy's: calibration references, a gate's greedy answer."""
     fallback: Prepared | None = None
     """What answers when a gate abstains, prepared (and so checked) with the request; it shares its meter."""
+    strategy_work: int = 0
+    """The strategy's own work per answer (``Strategy.work``)."""
 
     @property
     def meter(self) -> UsageMeter:
         return self.resources.meter
 
     @property
-    def work(self) -> int:
-        """The compute the request asked for: samples x max_tokens x models (generating engines and scorers)."""
+    def sampling_work(self) -> int:
+        """Samples x max_tokens x models (generating engines and scorers)."""
         return (self.samples + self.extra_samples) * self.job.sampling.max_tokens * len(self.meter.models)
+
+    @property
+    def work(self) -> int:
+        """The compute the request asked for: its sampling work, plus the strategy's own for every answer."""
+        return self.sampling_work + self.samples * self.strategy_work
 
     @property
     def plain_stream(self) -> bool:
@@ -167,7 +174,7 @@ class Pipeline:
         extra_samples += 1 if gates else 0
         self._check_own_draws(alignment, samples, constraints)
         prepared = Prepared(request, job, strategy, constraints, resources, prompt_details, samples, extra_samples,
-                            fallback)  # fmt: skip
+                            fallback, strategy.work(job))  # fmt: skip
         self._check_work(prepared)
         return prepared
 
@@ -312,9 +319,12 @@ class Pipeline:
             return
         name = prepared.request.budget_param
         samples = prepared.samples + prepared.extra_samples
+        guided = ""
+        if prepared.strategy_work:
+            guided = f" + {prepared.samples} answers x {prepared.strategy_work} of token-guided decoding"
         raise WorkBudgetExceededError(
             f"This request asks for {samples} samples x {prepared.job.sampling.max_tokens} tokens x "
-            f"{len(prepared.meter.models)} models = {prepared.work}, above the server's budget of {limit} "
+            f"{len(prepared.meter.models)} models{guided} = {prepared.work}, above the server's budget of {limit} "
             f"per request. Lower `{name}`, `n`, `alignment.best_of_n.n` or its calibration references.",
             param=name,
         )

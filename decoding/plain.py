@@ -25,6 +25,9 @@ class PlainStrategy:
     def check(self, job: GenerationJob) -> None:
         return None
 
+    def work(self, job: GenerationJob) -> int:
+        return 0
+
     async def generate(self, job: GenerationJob, n: int) -> Generation:
         completion = await job.engine.generate(job.prompt_ids, with_n(job.sampling, n))
         return Generation([candidate_of(sample) for sample in completion.samples], completion.prompt_logprobs)

@@ -260,15 +260,17 @@ class GuidedStrategy(ABC):
                 f"its lookahead); its context holds {self.guide.info.max_model_len}. Lower max_tokens.",
                 param="max_tokens",
             )
-        steps = math.ceil(job.sampling.max_tokens / self.block_tokens)
-        per_step, formula = self.work_per_step()
-        work = per_step * steps
+        work, formula = self.work(job), self.work_per_step()[1]
         if work > self.limits.max_guided_work:
             raise InvalidRequestError(
                 f"`{self.method}` would do {work} units of work ({formula} x decision steps); this server allows "
                 f"{self.limits.max_guided_work}. Lower them or max_tokens.",
                 param=f"alignment.{self.method}",
             )
+
+    def work(self, job: GenerationJob) -> int:
+        """A step's work times the decision steps."""
+        return self.work_per_step()[0] * math.ceil(job.sampling.max_tokens / self.block_tokens)
 
     async def generate(self, job: GenerationJob, n: int) -> Generation:
         async def one(seed: int | None) -> Candidate:

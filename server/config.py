@@ -222,7 +222,7 @@ class ApiKeyConfig(BaseModel):
     )
     work_per_day: int | None = Field(
         default=None, ge=1, description="Compute budget: the work units of admission control (samples x tokens x "
-        "models), summed over a day.",
+        "models, plus Transfer-Q*'s rollouts and GenARM's candidates), summed over a day.",
     )  # fmt: skip
     max_concurrent: int | None = Field(default=None, ge=1, description="Requests in flight at once.")
     expires_at: datetime | None = Field(default=None, description="After this instant the key is refused.")

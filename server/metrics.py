@@ -97,7 +97,8 @@ class Metrics:
             "compute budget.", ["limit"], registry=self.registry, multiprocess_mode="max",
         )  # fmt: skip
         self.request_work = Histogram(
-            "alignd_request_work", "Compute a request asked for: samples x max_tokens x models.", ["model"],
+            "alignd_request_work", "Compute a request asked for: samples x max_tokens x models, + token-guided work.",
+            ["model"],
             buckets=tuple(4**k for k in range(2, 11)), registry=self.registry,
         )  # fmt: skip
         self.decision_steps = Counter(

@@ -184,15 +184,18 @@ def pipeline() -> tuple[Pipeline, WordEngine]:
     return make_pipeline(resources, Limits(max_guided_work=500)), base
 
 
-async def run(pipe: Pipeline, base: WordEngine, alignment: dict, max_tokens: int = 4):
-    request = AlignedRequest(
+def aligned(base: WordEngine, alignment: dict, max_tokens: int = 4, n: int = 1) -> AlignedRequest:
+    return AlignedRequest(
         engine=base,
         prompt=PromptInput(text=PROMPT),
-        sampling=SamplingParams(),
+        sampling=SamplingParams(n=n),
         alignment=parse_alignment({**alignment, "return_details": True}),
         requested_max_tokens=max_tokens,
     )
-    return await pipe.run(await pipe.prepare(request))
+
+
+async def run(pipe: Pipeline, base: WordEngine, alignment: dict, max_tokens: int = 4):
+    return await pipe.run(await pipe.prepare(aligned(base, alignment, max_tokens)))
 
 
 async def test_transfer_q_through_the_pipeline():
@@ -200,6 +203,14 @@ async def test_transfer_q_through_the_pipeline():
     result = await run(pipe, base, {"transfer_q": {"baseline": "baseline", "reward": "rm", "top_k": 3}})
     assert result.choices[0].details["transfer_q"].decision_steps >= 1
     assert set(result.meter.by_model) == {"base", "baseline"}
+
+
+async def test_the_work_of_a_request_counts_every_rollout():
+    pipe, base = pipeline()
+    params = {"baseline": "baseline", "reward": "rm", "top_k": 3, "rollouts": 2, "rollout_tokens": 5}
+    prepared = await pipe.prepare(aligned(base, {"transfer_q": params}, max_tokens=4, n=2))
+    assert prepared.sampling_work == 2 * 4 * 3  # answers x max_tokens x (base, baseline, reward)
+    assert prepared.work == prepared.sampling_work + 2 * 4 * (3 * 2 * (5 + 1))  # + answers x steps x step's work
 
 
 @pytest.mark.parametrize(
