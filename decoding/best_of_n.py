@@ -50,7 +50,7 @@ REFERENCE_SEED_OFFSET = 1_000_003
 
 
 class CalibrationParams(MethodParams):
-    """``alignment.best_of_n.calibrate``."""
+    """``alignment.best_of_n.calibrate``: rewards as quantiles among samples of the base (InfAlign)."""
 
     references: int = Field(
         default=16, ge=1, le=64, description="Reference samples of the base per prompt, sampled as the request is."
@@ -62,7 +62,7 @@ class CalibrationParams(MethodParams):
 
 
 class BestOfNParams(MethodParams):
-    """``alignment.best_of_n``."""
+    """``alignment.best_of_n``: draw N candidates, score them with reward scorers, keep the best."""
 
     n: int = Field(default=4, ge=1, le=64, description="Candidates drawn (also bounded by the server's limits).")
     reward: str | list[str] = Field(description="A scorer name, or several for an ensemble.")

@@ -35,7 +35,7 @@ from models.scorers import Scorer
 
 
 class EarlyRejectionParams(MethodParams):
-    """``alignment.early_rejection``."""
+    """``alignment.early_rejection``: best-of-N that drops low-reward partial candidates early."""
 
     n: int = Field(default=16, ge=1, le=64, description="Candidates started (also bounded by the server's limits).")
     reward: str | list[str] = Field(description="A scorer name, or several (their mean) for an ensemble.")

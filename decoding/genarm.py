@@ -26,7 +26,7 @@ from models.engine import Engine, SamplingParams
 
 
 class GenArmParams(MethodParams):
-    """``alignment.genarm``."""
+    """``alignment.genarm``: each token reweighted by an autoregressive reward model (GenARM)."""
 
     shares_tokenizer = ("reward_model",)
 

@@ -34,7 +34,7 @@ HEADER = "Follow these guidelines in your answer:"
 
 
 class GuidelinesParams(MethodParams):
-    """``alignment.guidelines``."""
+    """``alignment.guidelines``: retrieve the guidelines nearest the prompt and put them in it."""
 
     library: str = Field(default="default", description="Which configured library to retrieve from.")
     top_k: int = Field(default=4, ge=1, le=16, description="At most this many guidelines are injected.")

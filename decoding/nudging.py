@@ -43,7 +43,7 @@ _WORD = re.compile(r" *[^ ]+")
 
 
 class NudgingParams(MethodParams):
-    """``alignment.nudging``."""
+    """``alignment.nudging``: where the base is unsure, a small aligned model writes the next words."""
 
     nudger: str = Field(description="The small aligned model (a served model name).")
     gamma: float = Field(default=0.4, ge=0, le=1, description="The base hands over when its top-1 p < gamma.")

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 class TransferQParams(MethodParams):
-    """``alignment.transfer_q``."""
+    """``alignment.transfer_q``: each token chosen by its Q value from baseline rollouts (Transfer-Q*)."""
 
     shares_tokenizer = ("baseline",)
 

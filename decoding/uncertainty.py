@@ -36,7 +36,7 @@ class UncertaintyParams(MethodParams):
 
 
 class AbstainParams(MethodParams):
-    """``alignment.abstain``."""
+    """``alignment.abstain``: answer "I do not know" (or a fallback) where the base is unsure."""
 
     threshold: float = Field(ge=0, le=1e6, description="Abstain when the measure is above this.")
     measure: Literal["nll", "nll_per_token", "min_top1"] = Field(

@@ -20,7 +20,8 @@ VLLM_GRAMMAR_PLUGIN = "decoding.grammar.vllm_plugin:GrammarLogitsProcessor"
 
 
 class GrammarParams(MethodParams):
-    """``alignment.grammar`` (also set by OpenAI's ``response_format``)."""
+    """``alignment.grammar``: output in a grammar; ASAp learns to sample it as the model would (also set by
+    OpenAI's ``response_format``)."""
 
     syntax: Syntax = Field(default="ebnf", description="How `grammar` is written.")
     grammar: str = Field(min_length=1, description="The grammar, schema (JSON text or object) or regex.")
