@@ -10,6 +10,8 @@ STACK ?= embedded
 USERS ?= 8
 DURATION ?= 60s
 TOY_WORLD := ~/.cache/alignd/toy-world
+# The playground's browser tests drive Debian's Chromium, never a downloaded browser.
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: install serve test lint loadtest bench clean
 
@@ -27,6 +29,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Installed with apt where `make` runs as root; elsewhere the browser tests say why they skip.
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null; then \
+		echo "Installing Debian's chromium for the playground's browser tests"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; \
+	else \
+		echo "chromium is missing and this user cannot install it (apt as root): the browser tests will skip"; \
+	fi
+
 serve: $(STAMP)
 	$(BIN)/alignd serve $(if $(CONFIG),--config $(CONFIG))
 
@@ -37,7 +49,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 # The toy world's effect tests need it; built here, with a progress bar, unless cached (about 7 minutes).
-test: lint
+test: lint $(CHROMIUM)
 	HF_HUB_OFFLINE=1 $(BIN)/alignd make-toy-world $(TOY_WORLD)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest --durations=10
 

@@ -25,6 +25,7 @@ from server.errors import install_error_handlers
 from server.keystore import key_store
 from server.metrics import Metrics
 from server.middleware import BodyLimitsMiddleware, RequestContextMiddleware
+from server.playground import serve_playground
 from server.quotas import Quotas
 from server.routes import admin_router, openai_router, ops_router, usage_router
 from server.serving_chat import ChatCompletionHandler
@@ -102,6 +103,8 @@ def build_app(settings: Settings) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(ops_router)
     app.include_router(admin_router)
+    if settings.playground:
+        serve_playground(app)
     install_error_handlers(app)
     app.add_middleware(BodyLimitsMiddleware, max_bytes=limits.max_body_bytes, read_timeout_s=settings.read_timeout_s)
     app.state.quotas = quotas = Quotas(settings.auth, settings.state)

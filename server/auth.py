@@ -41,6 +41,7 @@ from server.config import ApiKeyConfig, AuthConfig
 from server.errors import error_payload
 from server.keystore import KeyStore
 from server.metrics import Metrics
+from server.playground import is_playground_path
 from server.quotas import Quotas, RateLimitHeaders
 from server.usage import RequestUsage, UsageStore
 
@@ -123,7 +124,8 @@ class AuthMiddleware:
             await self.quotas.leave(key)
 
     def _open(self, path: str) -> bool:
-        return path in OPEN_PATHS or (path == "/metrics" and self.auth.metrics == "open")
+        """The page and its files are open: the page asks for a key, then sends it with every request."""
+        return path in OPEN_PATHS or (path == "/metrics" and self.auth.metrics == "open") or is_playground_path(path)
 
     async def _authenticate(self, scope: Scope) -> ApiKeyConfig:
         if key_in_query(scope):

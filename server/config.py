@@ -309,6 +309,9 @@ class Settings(BaseSettings):
         "kernel spreads connections). Each process has its own admission slots and in-process models and tries; "
         "metrics are summed over all of them. vLLM models need `urls`: managed workers would be launched per process.",
     )
+    playground: bool = Field(
+        default=True, description="Serve the playground page at `/playground` (with API keys on, it asks for one)."
+    )
     model_root: Path = Field(default=Path("."), description="Base directory for relative model paths.")
     tiny_models: bool = Field(default=False, description="Build the tiny offline models into `model_root` if missing.")
     toy_world: bool = Field(
