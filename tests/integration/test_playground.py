@@ -201,6 +201,29 @@ def test_compare_shows_the_plain_and_the_aligned_answer_and_the_heat_map(playgro
     playground.screenshot("compare.png")
 
 
+def test_guidelines_and_grammar_say_what_was_injected_and_whether_the_output_is_complete(
+    playground: Playground, toy_gateway: LocalGateway
+):
+    question = "Should I invest in wine?"
+    playground.ask("toy-guided", prompt=question, max_tokens="32")
+    shown = playground.page.eval_on_selector_all(".guidelines li", "items => items.map(i => i.textContent)")
+    expected = details_of(toy_gateway, "chat/completions", {
+        "model": "toy-guided", "messages": [{"role": "user", "content": question}], "max_tokens": 32,
+    })["alignment"]["guidelines"]  # fmt: skip
+    assert len(shown) == len(expected["guidelines"]) > 0
+    for text, guideline in zip(shown, expected["guidelines"], strict=True):
+        assert text.startswith(guideline["title"]) and f"similarity {guideline['score']:.3f}" in text
+
+    playground.page.select_option("#f-model", "toy-base")  # its panels show once a model is picked
+    playground.enable("grammar", grammar="(Yes|No)\\.")
+    playground.page.select_option("#f-grammar-syntax", "regex")
+    playground.ask("toy-base", endpoint="completions", prompt="User: Is Sisam the capital of Laren?\nAssistant:",
+                   max_tokens="8")  # fmt: skip
+    facts = playground.page.text_content(".details.grammar p")
+    assert facts.startswith("asap (regex); complete; trie: ") and "learned P(L)" in facts
+    assert playground.errors == []
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [({"nudger": "no-such-model"}, "nudger"), ({"nudger": "toy-nudger", "gamma": "5"}, "gamma")],
