@@ -8,7 +8,8 @@ So the gateway's own cost can be measured with no model compute (and faults inje
   ``prompt_logprobs``, ``return_token_ids``, and ``stream`` at ``--tokens-per-s`` per sequence after
   ``--ttft-ms``; an out-of-range token id is a 400 as vLLM gives it;
 - ``POST /pooling`` (one score per input);
-- ``GET /mock/stats``: requests served and TCP connections seen (distinct client ports), to check pooling;
+- ``GET /mock/stats``: requests served, TCP connections seen (distinct client ports), to check pooling, and
+  completions by ``x-session-id``, to check which worker a request's calls reached;
 - ``PUT /mock/fault`` with ``{"fault": NAME}`` (``null`` to heal): every completion from then on fails so
   (see ``FAULTS``), to check what the gateway makes of a broken worker.
 
@@ -30,6 +31,7 @@ import itertools
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +77,11 @@ DEFAULTS = MockSettings()
 class MockStats:
     requests: int = 0
     connections: set[tuple[str, int]] = field(default_factory=set)
+    sessions: Counter[str] = field(default_factory=Counter)
+    """Completions by their ``x-session-id`` header: which requests' engine calls reached this worker."""
 
-    def as_json(self) -> dict[str, int]:
-        return {"requests": self.requests, "connections": len(self.connections)}
+    def as_json(self) -> dict[str, Any]:
+        return {"requests": self.requests, "connections": len(self.connections), "sessions": dict(self.sessions)}
 
 
 class BadRequest(Exception):
@@ -113,6 +117,9 @@ class MockVLLM:
             elif route == ("POST", "/v1/completions") and self.fault is not None:
                 await _faulty(self.fault, bool((await _body(receive)).get("stream")), send)
             elif route == ("POST", "/v1/completions"):
+                session = dict(scope["headers"]).get(b"x-session-id")
+                if session is not None:
+                    self.stats.sessions[session.decode()] += 1
                 await self.completions(await _body(receive), send)
             elif route == ("POST", "/pooling"):
                 body = await _body(receive)
@@ -304,7 +311,7 @@ class MockWorker:
         return {"name": self.model, "backend": "vllm", "path": tokenizer,
                 "vllm": {"urls": [self.url], "grammar_plugin": False}}  # fmt: skip
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         return dict(httpx.get(f"{self.url}/mock/stats", timeout=5).json())
 
     def inject(self, fault: str | None) -> None:

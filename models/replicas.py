@@ -3,6 +3,9 @@
 Every engine call of one client request goes to the same replica (so vLLM's
 prefix cache is hit): the server sets ``request_affinity`` for the request
 and the first call binds that key to the least-loaded healthy replica.
+A call's own ``affinity`` (an ASAp trie's key, which outlives requests) picks
+its replica by rendezvous hashing over the healthy replicas instead: every
+gateway process, given the same replicas, sends the key to the same one.
 Calls without a key go to the least-loaded healthy replica. A background
 task checks ``/health`` of every replica; a replica that fails
 ``failures_to_mark_down`` checks in a row, or a connection, is taken out
@@ -12,6 +15,7 @@ until a check succeeds again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
@@ -33,6 +37,15 @@ _MAX_BINDINGS = 10_000
 
 HealthProbe = Callable[[str, float], Awaitable[str | None]]
 """``probe(url, timeout)``: None if ``url`` answers healthy within ``timeout``, else what went wrong."""
+
+
+def affinity_key(affinity: str | None = None) -> str | None:
+    """The key a call's replica is chosen by: its own ``affinity``, else the request's."""
+    return affinity or request_affinity.get()
+
+
+def _rendezvous_weight(key: str, replica: Replica) -> bytes:
+    return hashlib.blake2b(f"{key}\x00{replica.url}".encode(), digest_size=8).digest()
 
 
 class ReplicaUnreachableError(Exception):
@@ -75,8 +88,14 @@ class ReplicaSet:
         self._failures_to_mark_down = failures_to_mark_down
         self._bindings: OrderedDict[str, Replica] = OrderedDict()
 
-    def pick(self, key: str | None = None, *, exclude: Replica | None = None) -> Replica:
-        """The replica for a call with affinity ``key`` (None: the least-loaded healthy one)."""
+    def pick(self, key: str | None = None, *, exclude: Replica | None = None, stable: bool = False) -> Replica:
+        """The replica for a call with affinity ``key`` (None: the least-loaded healthy one); a ``stable``
+        key's by rendezvous hashing, the same in every process."""
+        if key is not None and stable:
+            candidates = [replica for replica in self.replicas if replica.healthy and replica is not exclude]
+            if not candidates:
+                raise EngineUnavailableError(f"No healthy replica of `{self.name}` is available; retry shortly.")
+            return max(candidates, key=lambda replica: _rendezvous_weight(key, replica))
         if key is not None:
             bound = self._bindings.get(key)
             if bound is not None and bound.healthy and bound is not exclude:
@@ -95,14 +114,14 @@ class ReplicaSet:
     ) -> T:
         """Runs ``operation`` on the chosen replica (``affinity``, else the request's); an idempotent
         call that cannot reach it is retried once on another replica."""
-        key = affinity or request_affinity.get()
-        replica = self.pick(key)
+        key, stable = affinity_key(affinity), affinity is not None
+        replica = self.pick(key, stable=stable)
         for attempt in range(2):
             try:
                 with replica.busy():
                     return await operation(replica)
             except ReplicaUnreachableError as exc:
-                replica = self._after_failure(key, replica, exc, retry=idempotent and attempt == 0)
+                replica = self._after_failure(key, replica, exc, retry=idempotent and attempt == 0, stable=stable)
         raise AssertionError("unreachable: the second failure raises")
 
     async def stream(
@@ -110,8 +129,8 @@ class ReplicaSet:
     ) -> AsyncGenerator[T, None]:
         """Streams ``operation`` from the chosen replica (``affinity``, else the request's); retried
         once on another replica only if the first failed before it produced anything."""
-        key = affinity or request_affinity.get()
-        replica = self.pick(key)
+        key, stable = affinity_key(affinity), affinity is not None
+        replica = self.pick(key, stable=stable)
         for attempt in range(2):
             produced = False
             try:
@@ -122,13 +141,15 @@ class ReplicaSet:
                             yield item
                 return
             except ReplicaUnreachableError as exc:
-                replica = self._after_failure(key, replica, exc, retry=not produced and attempt == 0)
+                replica = self._after_failure(key, replica, exc, retry=not produced and attempt == 0, stable=stable)
 
-    def _after_failure(self, key: str | None, replica: Replica, exc: Exception, *, retry: bool) -> Replica:
+    def _after_failure(
+        self, key: str | None, replica: Replica, exc: Exception, *, retry: bool, stable: bool
+    ) -> Replica:
         self.mark_down(replica, exc)
         if not retry:
             raise EngineUnavailableError(f"A replica of `{self.name}` failed while serving this request.") from exc
-        return self.pick(key, exclude=replica)
+        return self.pick(key, exclude=replica, stable=stable)
 
     def mark_down(self, replica: Replica, reason: object) -> None:
         if replica.healthy:

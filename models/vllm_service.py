@@ -13,7 +13,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from models.replicas import ReplicaSet
+from models.replicas import ReplicaSet, affinity_key
 from models.worker_http import WorkerHTTP
 from models.workers import ManagedWorker, Supervision, WorkerSpec
 
@@ -37,11 +37,13 @@ class VLLMService:
         health_failures: int = 3,
         connect_timeout_s: float = 3.0,
         request_timeout_s: float = 600.0,
+        session_header: str | None = None,
         workers: list[ManagedWorker] | None = None,
         http: WorkerHTTP | None = None,
     ) -> None:
         self.name = name
-        self.http = http or WorkerHTTP(connect_timeout_s=connect_timeout_s, read_timeout_s=request_timeout_s)
+        self.http = http or WorkerHTTP(connect_timeout_s=connect_timeout_s, read_timeout_s=request_timeout_s,
+                                       session_header=session_header)  # fmt: skip
         self.replicas = ReplicaSet(name, urls, self.http.probe, failures_to_mark_down=health_failures)
         self.workers = workers or []
         self._health_interval_s = health_interval_s
@@ -72,7 +74,8 @@ class VLLMService:
     ) -> VLLMService:
         """Launches ``replicas`` managed workers and waits until all are healthy."""
         http = WorkerHTTP(connect_timeout_s=options.get("connect_timeout_s", 3.0),
-                          read_timeout_s=options.get("request_timeout_s", 600.0))  # fmt: skip
+                          read_timeout_s=options.get("request_timeout_s", 600.0),
+                          session_header=options.get("session_header"))  # fmt: skip
         directory = log_dir or Path(tempfile.mkdtemp(prefix="alignd-workers-"))
         workers = [ManagedWorker(spec, index, directory, http.probe, supervision) for index in range(replicas)]
         service = cls(spec.name, [worker.url for worker in workers], workers=workers, http=http, **options)
@@ -96,8 +99,10 @@ class VLLMService:
     async def post_json(self, path: str, body: dict[str, Any], *, affinity: str | None = None) -> Any:
         """POSTs ``body`` to one replica (failing over once if it is unreachable); ``affinity``
         overrides the request's replica affinity."""
-        return await self.replicas.call(lambda replica: self.http.post_json(f"{replica.url}{path}", body),
-                                        affinity=affinity)  # fmt: skip
+        session = affinity_key(affinity)
+        return await self.replicas.call(
+            lambda replica: self.http.post_json(f"{replica.url}{path}", body, session=session), affinity=affinity
+        )
 
     def stream_json(
         self, path: str, body: dict[str, Any], *, affinity: str | None = None
@@ -106,8 +111,10 @@ class VLLMService:
 
         Closing the generator closes the connection, which makes vLLM abort the request.
         """
-        return self.replicas.stream(lambda replica: self.http.stream_json(f"{replica.url}{path}", body),
-                                    affinity=affinity)  # fmt: skip
+        session = affinity_key(affinity)
+        return self.replicas.stream(
+            lambda replica: self.http.stream_json(f"{replica.url}{path}", body, session=session), affinity=affinity
+        )
 
     async def close(self) -> None:
         if self._watch is not None:

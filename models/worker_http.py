@@ -34,9 +34,14 @@ class WorkerHTTP:
         connect_timeout_s: to open a connection (longer: the replica is unreachable).
         read_timeout_s: between two reads of a response (longer: the worker is stuck); a stream may last
             as long as its tokens keep coming.
+        session_header: sent with a call's affinity key (``session``), so that a router in front of the
+            workers keeps one request's calls on one of them; None: not sent.
     """
 
-    def __init__(self, *, connect_timeout_s: float = 3.0, read_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self, *, connect_timeout_s: float = 3.0, read_timeout_s: float = 600.0, session_header: str | None = None
+    ) -> None:
+        self._session_header = session_header
         # No cap on connections: admission control bounds the requests in flight.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
@@ -56,19 +61,21 @@ class WorkerHTTP:
             async with self._session.get(url) as response:
                 return _checked(response.status, await response.read())
 
-    async def post_json(self, url: str, body: dict[str, Any]) -> Any:
+    async def post_json(self, url: str, body: dict[str, Any], *, session: str | None = None) -> Any:
         with _translated(url):
-            async with self._session.post(url, data=orjson.dumps(body), headers=_JSON) as response:
+            async with self._session.post(url, data=orjson.dumps(body), headers=self._headers(session)) as response:
                 return _checked(response.status, await response.read())
 
-    async def stream_json(self, url: str, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    async def stream_json(
+        self, url: str, body: dict[str, Any], *, session: str | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """POSTs ``body`` and yields each SSE ``data`` object before ``[DONE]``, parsed once.
 
         The body is read to its end, so the connection goes back to the pool; closing the generator early
         closes the connection instead, which makes vLLM abort the request.
         """
         with _translated(url):
-            async with self._session.post(url, data=orjson.dumps(body), headers=_JSON) as response:
+            async with self._session.post(url, data=orjson.dumps(body), headers=self._headers(session)) as response:
                 if response.status != 200:
                     _checked(response.status, await response.read())
                 done = False
@@ -85,6 +92,11 @@ class WorkerHTTP:
 
     async def close(self) -> None:
         await self._session.close()
+
+    def _headers(self, session: str | None) -> dict[str, str]:
+        if session is None or self._session_header is None:
+            return _JSON
+        return {**_JSON, self._session_header: session}
 
 
 async def _sse_data(content: aiohttp.StreamReader) -> AsyncGenerator[bytes, None]:

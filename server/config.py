@@ -127,6 +127,13 @@ class WorkersConfig(BaseModel):
         "takes it out at once): one late answer from a busy worker must not fail every request to it.",
     )  # fmt: skip
     connect_timeout_s: float = Field(default=3.0, gt=0)
+    session_header: str | None = Field(
+        default="x-session-id", pattern=r"^[A-Za-z0-9-]+$",
+        description="Sent on every engine call with its affinity key (the request's id; an ASAp trie's key), so "
+        "that a router in front of the workers keeps one request's calls on one replica: vLLM's router "
+        "(`--policy consistent_hash` reads `x-session-id`), production-stack's (`--routing-logic session "
+        "--session-key` this header). None: not sent.",
+    )  # fmt: skip
     request_timeout_s: float = Field(
         default=600.0, gt=0,
         description="How long a worker may stay silent in a call: a whole non-streaming call, or between two "

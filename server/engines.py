@@ -100,6 +100,7 @@ async def start_service(
         "health_timeout_s": workers.health_timeout_s,
         "health_failures": workers.health_failures,
         "connect_timeout_s": workers.connect_timeout_s,
+        "session_header": workers.session_header,
         "request_timeout_s": workers.request_timeout_s,
     }
     if vllm.urls:

@@ -154,3 +154,22 @@ async def test_streams_fail_over_only_before_their_first_item():
     replicas.replicas[1].healthy = True
     replicas.replicas[0].in_flight = replicas.replicas[2].in_flight = 5
     assert [item async for item in replicas.stream(refuses_first)] in (["http://a:1"], ["http://c:1"])
+
+
+async def test_a_stable_key_reaches_the_same_replica_from_every_gateway_process():
+    first = await replica_set()
+    second = ReplicaSet("m", list(reversed(URLS)), health_probe(set()))  # another process, its own order and load
+    await second.check(timeout=1)
+    second.replicas[0].in_flight = 5
+    keys = [f"trie-{i}" for i in range(60)]
+    chosen = [first.pick(key, stable=True).url for key in keys]
+    assert chosen == [second.pick(key, stable=True).url for key in keys]
+    assert set(Counter(chosen)) == set(URLS), "keys spread over every replica"
+    victim = first.pick("trie-0", stable=True)
+    moved = first.pick("trie-0", stable=True, exclude=victim)
+    assert moved is not victim
+    untouched = [key for key, url in zip(keys, chosen, strict=True) if url != victim.url]
+    victim.healthy = False  # only the keys of a replica that is down move
+    assert all(
+        first.pick(key, stable=True).url == url for key, url in zip(keys, chosen, strict=True) if key in untouched
+    )
