@@ -41,6 +41,7 @@ from decoding.base import (
 from decoding.events import ChoiceFinished, StreamEvent, TextDelta
 from decoding.plain import PlainStrategy
 from decoding.stages import EngineConstraint, MethodSpec, Services
+from decoding.tracing import stage_span
 from decoding.uncertainty import greedy_answer
 from decoding.usage import MeteredEngine, MeteredResources, UsageMeter
 from models.engine import Engine, SamplingParams, TokenLogprob
@@ -142,6 +143,10 @@ class Pipeline:
     async def prepare(self, request: AlignedRequest, meter: UsageMeter | None = None) -> Prepared:
         """Every check that can refuse the request runs here, before any generation (and before a stream's 200).
         ``meter``: the usage meter to count into (a fallback counts into its request's)."""
+        with stage_span("prepare", "+".join(request.alignment.methods) or "plain"):
+            return await self._prepare(request, meter)
+
+    async def _prepare(self, request: AlignedRequest, meter: UsageMeter | None) -> Prepared:
         alignment = request.alignment
         meter = UsageMeter() if meter is None else meter
         meter.models.add(request.engine.info.name)
@@ -224,14 +229,15 @@ class Pipeline:
         if verdict.greedy is not None:
             return PipelineResult(job.prompt_ids, [self._finish(prepared, verdict.greedy, verdict)], prepared.meter)
         generation = Generation([])
+        alignment = prepared.request.alignment
         if prepared.samples:  # else the selection stage draws its own candidates (early rejection)
-            generation = await prepared.strategy.generate(job, prepared.samples)
+            with stage_span("strategy", next((name for name, _, _ in alignment.at("strategy")), "plain")):
+                generation = await prepared.strategy.generate(job, prepared.samples)
         candidates = [self._finish(prepared, candidate, verdict) for candidate in generation.candidates]
-        selection = prepared.selection
-        if selection is not None:
-            params, spec = selection
+        for name, params, spec in alignment.at("selection"):
             assert spec.selection is not None
-            candidates = await spec.selection.select(params, candidates, job, prepared.resources)
+            with stage_span("selection", name):
+                candidates = await spec.selection.select(params, candidates, job, prepared.resources)
         return PipelineResult(job.prompt_ids, candidates, prepared.meter, generation.prompt_logprobs)
 
     async def _judge(self, prepared: Prepared) -> Verdict:
@@ -240,7 +246,8 @@ class Pipeline:
         gates = prepared.request.alignment.at("gate")
         if not gates:
             return Verdict()
-        greedy, uncertainty = await greedy_answer(prepared.job)
+        with stage_span("gate", "+".join(name for name, _, _ in gates)):
+            greedy, uncertainty = await greedy_answer(prepared.job)
         verdict = Verdict()
         for name, params, spec in gates:
             assert spec.gate is not None

@@ -7,7 +7,10 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from opentelemetry import trace
+
 from decoding.base import Resources
+from decoding.tracing import engine_span, record_tokens
 from models.engine import Completion, Engine, EngineInfo, Prompt, SampleDelta, SamplingParams
 
 if TYPE_CHECKING:
@@ -69,24 +72,44 @@ class MeteredEngine:
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> Completion:
         self.meter.engine_calls += 1
-        completion = await self.engine.generate(prompt, params)
+        span = engine_span("generate", self.info.name)
+        with trace.use_span(span, end_on_exit=True):
+            completion = await self.engine.generate(prompt, params)
+            record_tokens(span, len(completion.prompt_token_ids), completion.completion_tokens)
         self.meter.record_completion(self.info.name, completion)
         return completion
 
     async def generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
         self.meter.engine_calls += 1
-        completions = await self.engine.generate_batch(prompts, params)
+        span = engine_span("generate_batch", self.info.name)
+        with trace.use_span(span, end_on_exit=True):
+            completions = await self.engine.generate_batch(prompts, params)
+            record_tokens(span, sum(len(c.prompt_token_ids) for c in completions),
+                          sum(c.completion_tokens for c in completions))  # fmt: skip
         for completion in completions:
             self.meter.record_completion(self.info.name, completion)
         return completions
 
     async def stream(self, prompt: Prompt, params: SamplingParams) -> AsyncGenerator[SampleDelta, None]:
         self.meter.engine_calls += 1
-        self.meter.record(self.info.name, prompt=len(self.tokenizer.prompt_ids(prompt)), completion=0)
-        async with aclosing(self.engine.stream(prompt, params)) as deltas:
-            async for delta in deltas:
-                self.meter.record(self.info.name, prompt=0, completion=len(delta.token_ids))
-                yield delta
+        prompt_tokens, completion_tokens = len(self.tokenizer.prompt_ids(prompt)), 0
+        self.meter.record(self.info.name, prompt=prompt_tokens, completion=0)
+        span = engine_span("stream", self.info.name)
+        try:
+            async with aclosing(self.engine.stream(prompt, params)) as deltas:
+                while True:
+                    # Current only while the engine works, never across a yield to the consumer.
+                    with trace.use_span(span, end_on_exit=False):
+                        try:
+                            delta = await anext(deltas)
+                        except StopAsyncIteration:
+                            break
+                    completion_tokens += len(delta.token_ids)
+                    self.meter.record(self.info.name, prompt=0, completion=len(delta.token_ids))
+                    yield delta
+        finally:
+            record_tokens(span, prompt_tokens, completion_tokens)
+            span.end()
 
     async def close(self) -> None:
         return None

@@ -9,7 +9,8 @@ So the gateway's own cost can be measured with no model compute (and faults inje
   ``--ttft-ms``; an out-of-range token id is a 400 as vLLM gives it;
 - ``POST /pooling`` (one score per input);
 - ``GET /mock/stats``: requests served, TCP connections seen (distinct client ports), to check pooling, and
-  completions by ``x-session-id``, to check which worker a request's calls reached;
+  completions by ``x-session-id``, to check which worker a request's calls reached, and the latest
+  ``traceparent`` headers;
 - ``PUT /mock/fault`` with ``{"fault": NAME}`` (``null`` to heal): every completion from then on fails so
   (see ``FAULTS``), to check what the gateway makes of a broken worker.
 
@@ -31,7 +32,7 @@ import itertools
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,9 +80,12 @@ class MockStats:
     connections: set[tuple[str, int]] = field(default_factory=set)
     sessions: Counter[str] = field(default_factory=Counter)
     """Completions by their ``x-session-id`` header: which requests' engine calls reached this worker."""
+    traceparents: deque[str] = field(default_factory=lambda: deque(maxlen=1000))
+    """The latest completions' W3C ``traceparent`` headers: the trace a call was part of."""
 
     def as_json(self) -> dict[str, Any]:
-        return {"requests": self.requests, "connections": len(self.connections), "sessions": dict(self.sessions)}
+        return {"requests": self.requests, "connections": len(self.connections), "sessions": dict(self.sessions),
+                "traceparents": list(self.traceparents)}  # fmt: skip
 
 
 class BadRequest(Exception):
@@ -117,9 +121,11 @@ class MockVLLM:
             elif route == ("POST", "/v1/completions") and self.fault is not None:
                 await _faulty(self.fault, bool((await _body(receive)).get("stream")), send)
             elif route == ("POST", "/v1/completions"):
-                session = dict(scope["headers"]).get(b"x-session-id")
-                if session is not None:
-                    self.stats.sessions[session.decode()] += 1
+                headers = dict(scope["headers"])
+                if b"x-session-id" in headers:
+                    self.stats.sessions[headers[b"x-session-id"].decode()] += 1
+                if b"traceparent" in headers:
+                    self.stats.traceparents.append(headers[b"traceparent"].decode())
                 await self.completions(await _body(receive), send)
             elif route == ("POST", "/pooling"):
                 body = await _body(receive)

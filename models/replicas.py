@@ -24,6 +24,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TypeVar
 
+from opentelemetry import trace
+
 from models.errors import EngineUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -119,6 +121,7 @@ class ReplicaSet:
         for attempt in range(2):
             try:
                 with replica.busy():
+                    trace.get_current_span().set_attribute("alignd.replica", replica.url)
                     return await operation(replica)
             except ReplicaUnreachableError as exc:
                 replica = self._after_failure(key, replica, exc, retry=idempotent and attempt == 0, stable=stable)
@@ -135,6 +138,7 @@ class ReplicaSet:
             produced = False
             try:
                 with replica.busy():
+                    trace.get_current_span().set_attribute("alignd.replica", replica.url)
                     async with aclosing(operation(replica)) as items:
                         async for item in items:
                             produced = True

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from opentelemetry import propagate
 
 from models.errors import AligndError, InvalidRequestError, UpstreamError
 from models.replicas import ReplicaUnreachableError
@@ -94,9 +95,12 @@ class WorkerHTTP:
         await self._session.close()
 
     def _headers(self, session: str | None) -> dict[str, str]:
-        if session is None or self._session_header is None:
-            return _JSON
-        return {**_JSON, self._session_header: session}
+        """JSON, the session header, and the trace context (W3C ``traceparent``: vLLM continues the trace)."""
+        headers = dict(_JSON)
+        if session is not None and self._session_header is not None:
+            headers[self._session_header] = session
+        propagate.inject(headers)
+        return headers
 
 
 async def _sse_data(content: aiohttp.StreamReader) -> AsyncGenerator[bytes, None]:

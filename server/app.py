@@ -31,6 +31,7 @@ from server.routes import admin_router, openai_router, ops_router, usage_router
 from server.serving_chat import ChatCompletionHandler
 from server.serving_completion import CompletionHandler
 from server.serving_rewards import RewardsHandler
+from server.tracing import TracingMiddleware, configure_tracing
 from server.usage import usage_store
 
 SETTINGS_ENV = "_ALIGND_PROCESS_SETTINGS"
@@ -46,6 +47,7 @@ def app_from_environment() -> FastAPI:
 def build_app(settings: Settings) -> FastAPI:
     registry = ModelRegistry(settings)
     metrics = Metrics()
+    tracing = configure_tracing(settings.tracing)
 
     async def load() -> None:
         await registry.load()
@@ -80,6 +82,8 @@ def build_app(settings: Settings) -> FastAPI:
             await usage.close()
             if keys is not None:
                 await keys.close()
+            if tracing is not None:
+                tracing.shutdown()  # exports the spans still batched
 
     app = FastAPI(title="alignd", lifespan=lifespan)
     app.state.settings = settings
@@ -117,5 +121,6 @@ def build_app(settings: Settings) -> FastAPI:
     else:
         logger.warning("API keys are off: anyone who reaches this port can use every model (see `auth`)")
     app.add_middleware(DrainMiddleware, drain=drain)
+    app.add_middleware(TracingMiddleware)  # inside the request's context: its spans carry the request id
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

@@ -281,6 +281,21 @@ class StateConfig(BaseModel):
         return f"{'rediss' if scheme in ('rediss', 'valkeys') else 'redis'}://{rest}"
 
 
+class TracingConfig(BaseModel):
+    """OpenTelemetry traces of every request, exported over OTLP/HTTP; off by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    endpoint: str = Field(
+        default="http://localhost:4318/v1/traces", description="The collector's OTLP/HTTP traces URL."
+    )
+    service_name: str = "alignd"
+    sample_ratio: float = Field(
+        default=1.0, ge=0, le=1, description="Requests traced; a client's sampled `traceparent` is always followed."
+    )
+
+
 class Settings(BaseSettings):
     """Everything the gateway needs to start."""
 
@@ -334,6 +349,7 @@ class Settings(BaseSettings):
     tries: TriesConfig = TriesConfig()
     auth: AuthConfig = AuthConfig()
     state: StateConfig = StateConfig()
+    tracing: TracingConfig = TracingConfig()
 
     @classmethod
     def settings_customise_sources(

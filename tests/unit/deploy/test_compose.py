@@ -26,7 +26,8 @@ def compose() -> dict[str, Any]:
 def test_compose_file_follows_the_compose_specification():
     parsed = PyCompose.from_yaml(yaml.safe_dump(compose()))
     assert set(parsed.service_names()) == {
-        "gateway", "base-worker", "chat-worker", "reward-worker", "valkey", "prometheus", "grafana"
+        "gateway", "base-worker", "chat-worker", "reward-worker", "valkey", "otel-collector", "jaeger", "prometheus",
+        "grafana",
     }  # fmt: skip
 
 
@@ -97,3 +98,17 @@ def test_dashboard_queries_name_real_metrics():
             for name in names:
                 if name.startswith("alignd_"):
                     assert re.sub(r"_(total|bucket|count|sum)$", "", name) in families, name
+
+
+def test_traces_go_from_the_gateway_and_the_workers_through_the_collector_to_jaeger():
+    settings = Settings.load(DEPLOY / "compose.alignd.yaml")
+    services = compose()["services"]
+    assert settings.tracing.enabled and urlparse(settings.tracing.endpoint).hostname == "otel-collector"
+    collector = yaml.safe_load((DEPLOY / "otel-collector.yaml").read_text())
+    assert {"grpc", "http"} <= set(collector["receivers"]["otlp"]["protocols"])
+    (pipeline,) = collector["service"]["pipelines"].values()
+    exporters = [collector["exporters"][name]["endpoint"] for name in pipeline["exporters"]]
+    assert [endpoint.split(":")[0] for endpoint in exporters] == ["jaeger"] and "jaeger" in services
+    for model in settings.models:
+        command = services[urlparse(model.vllm.urls[0]).hostname]["command"]
+        assert urlparse(command[command.index("--otlp-traces-endpoint") + 1]).hostname == "otel-collector"
