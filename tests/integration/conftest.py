@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from evaluation.gateway import LocalGateway
+from loadtest.mock_vllm import MockWorker
 from tests.conftest import VLLM_STACK
 
 CONFIG = """\
@@ -89,3 +90,10 @@ def toy_gateway(  # the embedded default on the toy world, with room for best-of
     (directory / "alignd.yaml").write_text(yaml.safe_dump(config))
     with LocalGateway(directory / "alignd.yaml", directory / "alignd.log") as live:
         yield live
+
+
+@pytest.fixture(scope="module")
+def mock() -> Iterator[MockWorker]:
+    """A mock vLLM worker serving `mock`, one per test module."""
+    with MockWorker("mock") as worker:
+        yield worker

@@ -80,12 +80,6 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Valkey]:
     server.kill()
 
 
-@pytest.fixture(scope="module")
-def mock() -> Iterator[MockWorker]:
-    with MockWorker("mock") as worker:
-        yield worker
-
-
 def keyed_config(directory: Path, mock: MockWorker, tiny_models: Path, **auth: Any) -> Path:
     """A config for the mock worker with API keys on; ``auth`` adds to (or replaces) its ``auth``."""
     config = {

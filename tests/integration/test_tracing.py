@@ -37,12 +37,6 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     provider.shutdown()
 
 
-@pytest.fixture(scope="module")
-def mock() -> Iterator[MockWorker]:
-    with MockWorker("mock") as worker:
-        yield worker
-
-
 @pytest.fixture
 async def gateway(mock: MockWorker, tiny_models: Path) -> AsyncIterator[httpx.AsyncClient]:
     served = {"backend": "vllm", "vllm": {"urls": [mock.url], "served_name": "mock", "grammar_plugin": False}}

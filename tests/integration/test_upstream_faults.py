@@ -33,12 +33,6 @@ MESSAGES = {
 
 
 @pytest.fixture(scope="module")
-def mock() -> Iterator[MockWorker]:
-    with MockWorker("mock") as worker:
-        yield worker
-
-
-@pytest.fixture(scope="module")
 def gateway(mock: MockWorker, tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGateway]:
     directory = tmp_path_factory.mktemp("faults-gateway")
     config = {
