@@ -9,7 +9,9 @@ gateway process, given the same replicas, sends the key to the same one.
 Calls without a key go to the least-loaded healthy replica. A background
 task checks ``/health`` of every replica; a replica that fails
 ``failures_to_mark_down`` checks in a row, or a connection, is taken out
-until a check succeeds again.
+until a check succeeds again. A replica taken out only because its checks
+answered late is alive but busy (a CPU worker starved by its neighbours): when
+no replica is healthy, calls go to such replicas rather than fail at once.
 """
 
 from __future__ import annotations
@@ -37,7 +39,15 @@ request_affinity: ContextVar[str | None] = ContextVar("request_affinity", defaul
 
 _MAX_BINDINGS = 10_000
 
-HealthProbe = Callable[[str, float], Awaitable[str | None]]
+
+@dataclass(frozen=True, slots=True)
+class HealthProblem:
+    reason: str
+    late: bool = False
+    """The check timed out: the replica may be alive and busy, not dead."""
+
+
+HealthProbe = Callable[[str, float], Awaitable[HealthProblem | None]]
 """``probe(url, timeout)``: None if ``url`` answers healthy within ``timeout``, else what went wrong."""
 
 
@@ -60,6 +70,8 @@ class Replica:
     healthy: bool = False
     in_flight: int = 0
     failed_checks: int = 0
+    late: bool = False
+    """Out only because its health checks answered late: a last resort when no replica is healthy."""
 
     @contextmanager
     def busy(self) -> Iterator[None]:
@@ -93,19 +105,14 @@ class ReplicaSet:
     def pick(self, key: str | None = None, *, exclude: Replica | None = None, stable: bool = False) -> Replica:
         """The replica for a call with affinity ``key`` (None: the least-loaded healthy one); a ``stable``
         key's by rendezvous hashing, the same in every process."""
+        candidates = self._candidates(exclude)
         if key is not None and stable:
-            candidates = [replica for replica in self.replicas if replica.healthy and replica is not exclude]
-            if not candidates:
-                raise EngineUnavailableError(f"No healthy replica of `{self.name}` is available; retry shortly.")
             return max(candidates, key=lambda replica: _rendezvous_weight(key, replica))
         if key is not None:
             bound = self._bindings.get(key)
-            if bound is not None and bound.healthy and bound is not exclude:
+            if bound is not None and bound in candidates:
                 self._bindings.move_to_end(key)
                 return bound
-        candidates = [replica for replica in self.replicas if replica.healthy and replica is not exclude]
-        if not candidates:
-            raise EngineUnavailableError(f"No healthy replica of `{self.name}` is available; retry shortly.")
         chosen = min(candidates, key=lambda replica: replica.in_flight)
         if key is not None:
             self._bind(key, chosen)
@@ -147,18 +154,33 @@ class ReplicaSet:
             except ReplicaUnreachableError as exc:
                 replica = self._after_failure(key, replica, exc, retry=not produced and attempt == 0, stable=stable)
 
+    def _candidates(self, exclude: Replica | None) -> list[Replica]:
+        """The healthy replicas; with none, those out only for answering their checks late."""
+        healthy = [replica for replica in self.replicas if replica.healthy and replica is not exclude]
+        if healthy:
+            return healthy
+        late = [replica for replica in self.replicas if replica.late and replica is not exclude]
+        if not late:
+            raise EngineUnavailableError(f"No healthy replica of `{self.name}` is available; retry shortly.")
+        return late
+
     def _after_failure(
         self, key: str | None, replica: Replica, exc: Exception, *, retry: bool, stable: bool
     ) -> Replica:
         self.mark_down(replica, exc)
         if not retry:
             raise EngineUnavailableError(f"A replica of `{self.name}` failed while serving this request.") from exc
-        return self.pick(key, exclude=replica, stable=stable)
+        other = self.pick(key, exclude=replica, stable=stable)
+        logger.info("call retried on another replica", extra={"model": self.name, "failed": replica.url,
+                                                              "retried_on": other.url})  # fmt: skip
+        return other
 
-    def mark_down(self, replica: Replica, reason: object) -> None:
+    def mark_down(self, replica: Replica, reason: object, *, late: bool = False) -> None:
+        """Takes ``replica`` out; ``late``: only its health checks answered late (it is kept as a last resort)."""
         if replica.healthy:
-            logger.warning("replica down", extra={"model": self.name, "url": replica.url, "reason": str(reason)})
-        replica.healthy = False
+            logger.warning("replica down", extra={"model": self.name, "url": replica.url, "reason": str(reason),
+                                                  "late": late})  # fmt: skip
+        replica.healthy, replica.late = False, late
 
     async def check(self, timeout: float) -> None:
         """One round of health checks over every replica."""
@@ -174,13 +196,13 @@ class ReplicaSet:
         problem = await self._probe(f"{replica.url}/health", timeout)
         if problem is not None:
             replica.failed_checks += 1
-            if replica.failed_checks >= self._failures_to_mark_down:
-                self.mark_down(replica, problem)
+            if replica.failed_checks >= self._failures_to_mark_down or not replica.healthy:
+                self.mark_down(replica, problem.reason, late=problem.late)
             return
         replica.failed_checks = 0
         if not replica.healthy:
             logger.info("replica up", extra={"model": self.name, "url": replica.url})
-            replica.healthy = True
+            replica.healthy, replica.late = True, False
 
     def _bind(self, key: str, replica: Replica) -> None:
         self._bindings[key] = replica

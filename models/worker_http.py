@@ -19,7 +19,7 @@ import orjson
 from opentelemetry import propagate
 
 from models.errors import AligndError, InvalidRequestError, UpstreamError
-from models.replicas import ReplicaUnreachableError
+from models.replicas import HealthProblem, ReplicaUnreachableError
 
 # Idle connections are dropped before vLLM's own keep-alive (uvicorn's default, 5 s) closes them, so a
 # request never races the worker's close on a connection the pool still thinks open.
@@ -48,14 +48,17 @@ class WorkerHTTP:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
 
-    async def probe(self, url: str, timeout: float) -> str | None:
-        """None if ``GET url`` answers 200 within ``timeout``, else what went wrong."""
+    async def probe(self, url: str, timeout: float) -> HealthProblem | None:
+        """None if ``GET url`` answers 200 within ``timeout``, else what went wrong (``late``: no answer in time,
+        as from a worker too busy to answer, rather than a refusal or an error)."""
         try:
             async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
                 await response.read()
-                return None if response.status == 200 else f"{url} answered {response.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return repr(exc)
+                return None if response.status == 200 else HealthProblem(f"{url} answered {response.status}")
+        except TimeoutError as exc:
+            return HealthProblem(repr(exc), late=True)
+        except aiohttp.ClientError as exc:
+            return HealthProblem(repr(exc))
 
     async def get_json(self, url: str) -> Any:
         with _translated(url):

@@ -26,6 +26,7 @@ def test_replicas_killed_under_load():
         count for label, count in outcomes.items() if label.startswith("plain") and label != "plain 200"
     )
     assert plain_failures <= 0.01 * outcomes["plain 200"]
+    assert report["calls_retried_on_another_replica"] > 0, "the killed replicas' plain requests were retried"
     assert len([kill for kill in report["kills"] if kill["pid"]]) >= 2
     killed = {kill["pid"] for kill in report["kills"]}
     assert all(r["healthy"] and r["pid"] not in killed for r in report["replicas_after"]), report["replicas_after"]

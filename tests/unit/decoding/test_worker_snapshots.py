@@ -19,6 +19,7 @@ import pytest
 
 from decoding.grammar import EFGStore
 from decoding.grammar.snapshots import ThreadedSnapshots, load_store, save_store
+from models.replicas import HealthProblem
 from models.tokenizer import Tokenizer
 from models.vllm_service import VLLMService
 from models.workers import (
@@ -110,7 +111,7 @@ def test_closing_a_never_started_thread_writes_nothing(snapshots: ThreadedSnapsh
 
 
 def test_managed_replicas_get_one_snapshot_file_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    async def probe(url: str, timeout: float) -> str | None:
+    async def probe(url: str, timeout: float) -> HealthProblem | None:
         return None
 
     spec = WorkerSpec("tiny-base", tmp_path, "tiny-base", env={"A": "1"}, trie_snapshots=tmp_path / "tries",
@@ -127,7 +128,7 @@ def test_managed_replicas_get_one_snapshot_file_each(tmp_path: Path, monkeypatch
 
 
 def test_a_replica_that_keeps_its_tries_gets_time_to_write_them_at_shutdown(tmp_path: Path):
-    async def probe(url: str, timeout: float) -> str | None:
+    async def probe(url: str, timeout: float) -> HealthProblem | None:
         return None
 
     def command(**spec: Any) -> list[str]:

@@ -8,14 +8,19 @@ from collections import Counter
 import pytest
 
 from models.errors import EngineUnavailableError
-from models.replicas import HealthProbe, Replica, ReplicaSet, ReplicaUnreachableError, affinity
+from models.replicas import HealthProbe, HealthProblem, Replica, ReplicaSet, ReplicaUnreachableError, affinity
 
 URLS = ["http://a:1", "http://b:1", "http://c:1"]
 
 
-def health_probe(down: set[str]) -> HealthProbe:
-    async def probe(url: str, timeout: float) -> str | None:
-        return "refused" if url.removesuffix("/health") in down else None
+def health_probe(down: set[str], late: set[str] | None = None) -> HealthProbe:
+    """Replicas in ``down`` refuse their checks, those in ``late`` answer them too late."""
+
+    async def probe(url: str, timeout: float) -> HealthProblem | None:
+        replica = url.removesuffix("/health")
+        if replica in down:
+            return HealthProblem("refused")
+        return HealthProblem("TimeoutError()", late=True) if replica in (late or set()) else None
 
     return probe
 
@@ -38,7 +43,7 @@ async def test_health_checks_take_replicas_out_and_bring_them_back():
 
 async def test_a_healthy_replica_is_taken_out_only_after_consecutive_failed_checks():
     late: set[str] = set()
-    replicas = ReplicaSet("m", URLS, health_probe(late), failures_to_mark_down=3)
+    replicas = ReplicaSet("m", URLS, health_probe(set(), late), failures_to_mark_down=3)
     await replicas.check(timeout=1)
     late.add("http://a:1")
     for _ in range(2):
@@ -173,3 +178,20 @@ async def test_a_stable_key_reaches_the_same_replica_from_every_gateway_process(
     assert all(
         first.pick(key, stable=True).url == url for key, url in zip(keys, chosen, strict=True) if key in untouched
     )
+
+
+async def test_with_no_healthy_replica_calls_go_to_those_only_late_to_answer_checks_not_to_dead_ones():
+    down, late = {"http://a:1"}, {"http://b:1", "http://c:1"}
+    replicas = ReplicaSet("m", URLS, health_probe(down, late), failures_to_mark_down=1)
+    await replicas.check(timeout=1)
+    assert not any(replica.healthy for replica in replicas.replicas)
+    chosen = {replicas.pick().url for _ in range(3)} | {replicas.pick(f"k{i}", stable=True).url for i in range(20)}
+    assert chosen <= late, "a busy replica serves, slowly, rather than every request failing at once"
+    replicas.mark_down(replicas.replicas[1], ReplicaUnreachableError("reset"))  # a call found it dead
+    assert replicas.pick().url == "http://c:1"
+    replicas.mark_down(replicas.replicas[2], ReplicaUnreachableError("reset"))
+    with pytest.raises(EngineUnavailableError):
+        replicas.pick()
+    late.clear()
+    await replicas.check(timeout=1)
+    assert replicas.pick().url in {"http://b:1", "http://c:1"} and not replicas.replicas[1].late
