@@ -48,7 +48,6 @@ class VLLMService:
         self.workers = workers or []
         self._health_interval_s = health_interval_s
         self._health_timeout_s = health_timeout_s
-        self._connect_timeout_s = connect_timeout_s
         self._watch: asyncio.Task[None] | None = None
 
     @classmethod
